@@ -1,0 +1,360 @@
+"""Typed experiment configuration: one YAML file in, one validated ExperimentConfig out.
+
+Every section is a strict pydantic model (unknown keys are errors), so a typo in a 70B run's
+config fails in a second on the laptop instead of an hour into the cluster job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad config or input: the CLI turns it into exit code 2 with this message."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+class LoraConfig(Strict):
+    r: int = Field(96, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelConfig(Strict):
+    # An HF hub id, a local directory, an s3:// prefix holding an HF directory, or
+    # "builtin:tiny" (a random-init tiny Llama + offline tokenizer written under storage.root).
+    name_or_path: str = "builtin:tiny"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bf16", "fp16"] = "auto"
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+
+
+# --------------------------------------------------------------------------- data
+class FieldMap(Strict):
+    query: str = "query"
+    safe: str = "safe"
+    harmful: str = "harmful"
+    response: str = "response"
+
+
+class SourceConfig(Strict):
+    # Local path, s3:// URI, "hf:<name>" (Hugging Face dataset by name or saved directory),
+    # or "builtin:demo" (the project's synthetic corpus).
+    uri: str
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf", "derta_public"] = "auto"
+    fields: FieldMap = FieldMap()
+    split: str = "train"
+    limit: int | None = Field(None, ge=1)
+
+
+class MixConfig(Strict):
+    """How many samples of each kind. An int is a count; a float in (0, 1] is a ratio of the
+    source rows available to that kind. `preset` fills the kinds from the paper's recipes;
+    `auto` follows train.method."""
+
+    preset: Literal["auto", "custom", "sft", "vanilla", "recaug", "rto", "derta", "derta_pref"] = "auto"
+    helpful: Union[int, float] = 1.0
+    vanilla: Union[int, float] = 0
+    prefix: Union[int, float] = 0
+    rto: Union[int, float] = 0
+    pref: Union[int, float] = 0
+
+    @field_validator("helpful", "vanilla", "prefix", "rto", "pref")
+    @classmethod
+    def _non_negative(cls, v: int | float) -> int | float:
+        if v < 0 or (isinstance(v, float) and v > 1.0):
+            raise ValueError("must be a count (int >= 0) or a ratio (float in [0, 1])")
+        return v
+
+
+class PrefixConfig(Strict):
+    """Distribution of the harmful-prefix length k. `public` is the paper's code: k uniform in
+    words on [1, |r|-2], and k = 0 with probability p_zero (one sample in three)."""
+
+    dist: Literal["public", "uniform", "beta", "fixed_fraction", "geometric"] = "public"
+    unit: Literal["token", "word"] = "word"
+    p_zero: float = Field(1.0 / 3.0, ge=0.0, le=1.0)
+    beta_a: float = Field(1.0, gt=0)
+    beta_b: float = Field(1.0, gt=0)
+    fraction: float = Field(0.5, ge=0.0, le=1.0)
+    geometric_p: float = Field(0.1, gt=0.0, le=1.0)
+
+
+class GenerateConfig(Strict):
+    """Fills missing safe / harmful responses with an inference engine (paper: harmful from a
+    deliberately unaligned model, safe from an aligned one)."""
+
+    harmful_model: str | None = None
+    safe_model: str | None = None
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class DataConfig(Strict):
+    safety: SourceConfig = SourceConfig(uri="builtin:demo")
+    helpful: SourceConfig | None = SourceConfig(uri="builtin:demo")
+    # Pre-built rows in the public code's format ({prefix, text, safe}); used as they are.
+    prebuilt: SourceConfig | None = None
+    template: Literal["inst", "raw", "chat_template", "llama3"] = "chat_template"
+    mix: MixConfig = MixConfig()
+    prefix: PrefixConfig = PrefixConfig()
+    max_len: int = Field(1024, ge=8)
+    packing: bool = True
+    truncation: Literal["trim_prefix", "skip"] = "trim_prefix"
+    on_bad_row: Literal["error", "skip"] = "error"
+    holdout: float = Field(0.1, ge=0.0, lt=1.0)
+    generate: GenerateConfig | None = None
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- train
+class LossConfig(Strict):
+    w_mle: float = Field(1.0, ge=0.0)
+    w_rto: float = Field(1.0, ge=0.0)
+    # Fraction of RTO positions kept per sample ("Sorry dropout"): 0.05 full FT, 1.0 LoRA.
+    rto_keep: float = Field(1.0, gt=0.0, le=1.0)
+    beta: float = Field(0.1, gt=0.0)  # derta_pref temperature
+    chunk_size: int = Field(1024, ge=1)  # tokens per loss chunk (bounds fp32 logits memory)
+
+
+class FsdpConfig(Strict):
+    enabled: bool = True
+    mixed_precision: bool = True  # bf16 params/compute on GPU; ignored on CPU
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True
+
+
+class TrainConfig(Strict):
+    method: Literal["sft", "vanilla", "recaug", "rto", "derta", "derta_pref"] = "derta"
+    schedule: Literal["joint", "sequential"] = "joint"
+    loss: LossConfig = LossConfig()
+    refusal_token: str = "Sorry"
+    refusal_token_fallback: str | None = None
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    fsdp: FsdpConfig = FsdpConfig()
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    global_batch: int = Field(128, ge=1)
+    micro_batch: int = Field(4, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps; 0 = only at the end
+    resume: Literal["auto", "never"] = "auto"
+    max_failures: int = Field(0, ge=0)
+    log_every: int = Field(1, ge=1)
+
+
+# --------------------------------------------------------------------------- tune
+class SearchDim(Strict):
+    """One Ray Tune sampler: `choice` uses values; the others use low/high."""
+
+    sampler: Literal["choice", "uniform", "loguniform", "randint", "quniform"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    q: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchDim":
+        if self.sampler == "choice" and not self.values:
+            raise ValueError("sampler 'choice' needs values")
+        if self.sampler != "choice" and (self.low is None or self.high is None):
+            raise ValueError(f"sampler {self.sampler!r} needs low and high")
+        return self
+
+
+class TuneConfig(Strict):
+    # Dotted config keys (e.g. "train.loss.w_rto") -> sampler.
+    space: dict[str, SearchDim] = {}
+    num_samples: int = Field(8, ge=1)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    search_alg: Literal["random", "optuna"] = "random"
+    metric: str = "proxy_score"
+    mode: Literal["min", "max"] = "max"
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    top_n_full_eval: int = Field(0, ge=0)
+
+
+# --------------------------------------------------------------------------- eval
+class EvalConfig(Strict):
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    attacks: list[Literal["prefill", "completion", "codeattack", "jailbreakchat", "selfcipher", "pair", "autodan", "direct"]] = [
+        "prefill"
+    ]
+    # Plain harmful questions (with harmful responses for prefill): "builtin:demo" or a source.
+    questions: SourceConfig | None = SourceConfig(uri="builtin:demo")
+    # Pre-built attack prompt files in the paper's format ({"question": ...} per line), by attack.
+    prompt_files: dict[str, str] = {}
+    prefill_k: list[int] = [0, 5, 10, 20, 40]
+    judge: Literal["refusal", "llm", "http"] = "refusal"
+    judge_model: str | None = None
+    judge_url: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    helpfulness: list[Literal["demo", "gsm8k", "mmlu", "alpaca", "over_refusal"]] = ["demo"]
+    helpfulness_files: dict[str, str] = {}
+    limit: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)
+    tensor_parallel: int = Field(1, ge=1)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- tracking / storage
+class TrackingConfig(Strict):
+    # None: MLFLOW_TRACKING_URI if set, else a sqlite store under storage.root.
+    uri: str | None = None
+    experiment: str = "derta"
+    enabled: bool = True
+
+
+class StorageConfig(Strict):
+    root: str = "./runs"  # local path or s3://bucket/prefix
+    run_name: str | None = None  # default: <method>-<UTC timestamp>
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: RAY_ADDRESS or a local cluster
+    num_cpus: int | None = Field(None, ge=1)  # only for a local cluster
+
+
+class ExperimentConfig(Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as it may be logged or written: secrets replaced by '***'."""
+        return redact(self.to_dict())
+
+    def fingerprint(self) -> str:
+        """Stable hash of the resolved config (recorded in manifests to detect stale data)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """YAML file (or built-in defaults when None) + `a.b=c` overrides -> validated config.
+
+    Raises ConfigError naming the file and the dotted key on any problem.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: invalid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_config(raw, source)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{source}: unknown key '{key}'")
+            else:
+                lines.append(f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def set_dotted(cfg: ExperimentConfig, key: str, value: Any) -> ExperimentConfig:
+    """A copy of cfg with one dotted key replaced, re-validated (used by Tune trials)."""
+    raw = cfg.to_dict()
+    _apply_override(raw, f"{key}={json.dumps(value)}")
+    return validate_config(raw, f"override {key}")
+
+
+# --------------------------------------------------------------------------- secrets
+_SECRET_KEY = re.compile(r"(pass(word|wd)?|secret|api_?key|access_?key|auth|credential|hf_token|bearer|session_token)$", re.I)
+_URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+_QUERY_SECRET = re.compile(r"(?P<k>[?&](?:token|key|password|secret|sig|signature|access_token|api_key)=)[^&\s]+", re.I)
+
+
+def redact_text(text: str) -> str:
+    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['k']}***", text)
+
+
+def redact(obj: Any, key: str = "") -> Any:
+    """Replace secret-looking values: by key name (password, api_key, ...), passwords inside
+    URIs (user:pass@host) and secret query parameters. Key names like `refusal_token` or
+    `judge_api_key_env` (which hold no secret) are kept."""
+    if isinstance(obj, dict):
+        return {k: redact(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v, key) for v in obj]
+    if isinstance(obj, str):
+        if key and _SECRET_KEY.search(key) and obj:
+            return "***"
+        return redact_text(obj)
+    return obj
