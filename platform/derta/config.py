@@ -146,6 +146,7 @@ class TrainConfig(Strict):
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpu_memory_gb: float = Field(80.0, gt=0)  # per GPU, for `derta plan`'s fit check (H100 80GB)
     fsdp: FsdpConfig = FsdpConfig()
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -282,26 +283,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
+    origins = {}
     for item in overrides:
-        _apply_override(raw, item)
-    return validate_config(raw, source)
+        origins[_apply_override(raw, item)] = f"--set {item}"
+    return validate_config(raw, source, origins)
 
 
-def validate_config(raw: dict[str, Any], source: str = "<config>") -> ExperimentConfig:
+def validate_config(raw: dict[str, Any], source: str = "<config>", origins: dict[str, str] | None = None) -> ExperimentConfig:
+    """Validate; each error names its dotted key and where it came from (file or --set)."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():
             key = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+            where = next((o for k, o in (origins or {}).items() if key == k or key.startswith(k + ".")), source)
             if err["type"] == "extra_forbidden":
-                lines.append(f"{source}: unknown key '{key}'")
+                lines.append(f"{where}: unknown key '{key}'")
             else:
-                lines.append(f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})")
+                lines.append(f"{where}: key '{key}': {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> str:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     key, _, text = item.partition("=")
@@ -321,6 +325,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set {item!r}: '{part}' is not a section")
         node = nxt
     node[parts[-1]] = value
+    return ".".join(parts)
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

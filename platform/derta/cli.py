@@ -1,0 +1,124 @@
+"""The `derta` command: VERB --config FILE.yaml [--set section.key=value ...].
+
+Exit codes: 0 success, 2 bad config or input (the message names the file/field), 1 a failure
+while running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Callable
+
+from derta.config import ConfigError, ExperimentConfig, load_config
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("--config", "-c", required=config_required, help="experiment YAML (default: the built-in demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="derta", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    data = verbs.add_parser("data", help="data stages")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    _common(data_verbs.add_parser("build", help="build tokenized transition samples with Ray Data"))
+
+    for name, text in [
+        ("train", "train with Ray Train (FSDP, MLE + RTO)"),
+        ("tune", "search prefix distributions and loss weights with Ray Tune"),
+        ("eval", "attacks, judges and helpfulness on a trained model"),
+        ("run", "data, train, eval and report in one go (no config: the built-in demo)"),
+        ("plan", "print the resolved config, resources and per-GPU memory estimate; do no work"),
+        ("report", "render the HTML report of a run from MLflow"),
+    ]:
+        _common(verbs.add_parser(name, help=text))
+
+    judge = verbs.add_parser("judge", help="judge existing generations (JSONL)")
+    _common(judge)
+    judge.add_argument("--input", "-i", required=True, help="JSONL of {question, response} or the paper's formats")
+    judge.add_argument("--output", "-o", help="write one JSONL row per input with unsafe/refusal_pos/judge")
+    return parser
+
+
+def _cmd_data(cfg: ExperimentConfig, args) -> None:
+    from derta.pipeline import build_data
+
+    build_data(cfg)
+
+
+def _cmd_train(cfg: ExperimentConfig, args) -> None:
+    from derta.pipeline import train_only
+
+    train_only(cfg)
+
+
+def _cmd_tune(cfg: ExperimentConfig, args) -> None:
+    from derta.tune.tuner import run_tune
+
+    run_tune(cfg)
+
+
+def _cmd_eval(cfg: ExperimentConfig, args) -> None:
+    from derta.pipeline import eval_only
+
+    eval_only(cfg)
+
+
+def _cmd_run(cfg: ExperimentConfig, args) -> None:
+    from derta.pipeline import run_all
+
+    run_all(cfg)
+
+
+def _cmd_plan(cfg: ExperimentConfig, args) -> None:
+    from derta.plan import print_plan
+
+    if not print_plan(cfg):
+        raise SystemExit(1)
+
+
+def _cmd_report(cfg: ExperimentConfig, args) -> None:
+    from derta.pipeline import report_only
+
+    report_only(cfg)
+
+
+def _cmd_judge(cfg: ExperimentConfig, args) -> None:
+    from derta.eval.runner import judge_file
+
+    judge_file(args.input, args.output, cfg)
+
+
+COMMANDS: dict[str, Callable] = {
+    "data": _cmd_data, "train": _cmd_train, "tune": _cmd_tune, "eval": _cmd_eval, "run": _cmd_run,
+    "plan": _cmd_plan, "report": _cmd_report, "judge": _cmd_judge,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        COMMANDS[args.verb](cfg, args)
+    except ConfigError as e:
+        print(f"derta: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("derta: interrupted", file=sys.stderr)
+        return 1
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        traceback.print_exc()
+        print(f"derta: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
