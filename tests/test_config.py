@@ -19,7 +19,7 @@ def test_defaults_are_the_demo():
     cfg = load_config(None)
     assert cfg.model.name_or_path == "builtin:tiny"
     assert cfg.train.method == "derta" and cfg.train.schedule == "joint"
-    assert cfg.data.safety.uri == "builtin:demo"
+    assert cfg.data.safety.uri == "builtin:demo" and cfg.eval.engine == "hf"
 
 
 def test_yaml_and_overrides(tmp_path):

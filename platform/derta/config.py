@@ -263,26 +263,28 @@ class ExperimentConfig(Strict):
 
 
 # --------------------------------------------------------------------------- loading
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """YAML file (or built-in defaults when None) + `a.b=c` overrides -> validated config.
+    """YAML file (the built-in demo config when None) + `a.b=c` overrides -> validated config.
 
     Raises ConfigError naming the file and the dotted key on any problem.
     """
-    source = str(path) if path is not None else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: invalid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
+    if path is None:
+        path = DEMO_CONFIG
+    source = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
     origins = {}
     for item in overrides:
         origins[_apply_override(raw, item)] = f"--set {item}"

@@ -1,0 +1,329 @@
+"""DeRTa losses from ONE forward pass: MLE, RTO (refusal-token CE at every harmful position),
+the RTO keep-rate ("Sorry dropout") and the per-position preference variant (derta_pref).
+
+The paper's objective (Yuan et al. 2024, eq. 1-2):
+
+    L(θ) = − E log Pθ(r | q, r̂<k)  −  E Σ_{t=1..|r̂|} log Pθ(sorry | q, r̂<t)
+
+Alignment (CONTRACTS.md): labels[t] / rto_mask[t] are targets FOR position t, predicted from
+the hidden state at t-1. So every target lives on the shifted grid t = 1..L-1.
+
+Normalisation (what each logged number is):
+  * loss_mle  = Σ over every labelled token (labels != -100) of −log p(label)   / N_mle
+  * loss_rto  = Σ over every KEPT rto_mask position of −log p(sorry)            / N_rto
+  * loss_pref = Σ over every KEPT rto_mask position of −log σ(β·Δ)              / N_rto
+  where N_* are token counts over the whole GLOBAL batch (all micro-batches of one optimizer
+  step, all workers; see `Denominators`). That is the paper's expectation taken per token (the
+  public code's single token-mean cross-entropy), with the two terms normalised separately
+  so w_mle / w_rto weigh them independently of how many tokens each kind has:
+      loss = w_mle · loss_mle + w_rto · (loss_rto | loss_pref)
+  A term with no tokens in the batch contributes 0.
+
+Memory: the vocabulary projection + log-softmax run only on positions that carry a target,
+`chunk_size` positions at a time, each chunk under activation checkpointing, so at most one
+[chunk_size, vocab] float32 block is alive in forward and in backward. Full-vocabulary fp32
+logits for the whole sequence are never built (`naive_loss` does build them; it is the
+reference the tests compare against).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+Transition = Literal["rto", "pref", "none"]
+
+
+# --------------------------------------------------------------------------- targets
+def document_ids(position_ids: Tensor) -> Tensor:
+    """[B, L] document index inside each packed row: a new document starts where position_ids
+    does not continue by +1 (the same rule transformers uses to build the packed mask)."""
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).long().cumsum(-1)
+
+
+def keep_rto_positions(rto_mask: Tensor, keep: float, seed: int, position_ids: Tensor | None = None) -> Tensor:
+    """The public code's "Sorry dropout": per sample keep max(1, round(keep · n)) of its n RTO
+    positions, chosen uniformly without replacement with a generator seeded by `seed`.
+
+    A sample is one document of a packed row (from position_ids), or the whole row. keep = 1
+    returns the mask unchanged. Deterministic for a given (mask, keep, seed).
+    """
+    rto_mask = rto_mask.bool()
+    if keep >= 1.0 or not bool(rto_mask.any()):
+        return rto_mask
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    scores = torch.rand(rto_mask.shape, generator=gen).to(rto_mask.device)
+    docs = document_ids(position_ids) if position_ids is not None else torch.zeros_like(rto_mask, dtype=torch.long)
+    out = torch.zeros_like(rto_mask)
+    for b in range(rto_mask.shape[0]):
+        row = rto_mask[b]
+        for d in torch.unique(docs[b][row]).tolist():
+            idx = torch.nonzero(row & (docs[b] == d), as_tuple=True)[0]
+            n_keep = max(1, int(round(keep * idx.numel())))
+            chosen = idx[torch.argsort(scores[b, idx])[:n_keep]]
+            out[b, chosen] = True
+    return out
+
+
+@dataclass
+class Targets:
+    """Every position that carries a target, flattened over the shifted [B, L-1] grid."""
+
+    flat_idx: Tensor  # [N] index into hidden[:, :-1].reshape(-1, H)
+    label: Tensor  # [N] MLE target id (IGNORE where none)
+    harm: Tensor  # [N] the dispreferred (harmful) token input_ids[t]
+    is_mle: Tensor  # [N] bool
+    is_rto: Tensor  # [N] bool (kept RTO / pref positions)
+
+    @property
+    def n_mle(self) -> int:
+        return int(self.is_mle.sum())
+
+    @property
+    def n_rto(self) -> int:
+        return int(self.is_rto.sum())
+
+
+def build_targets(batch: dict[str, Tensor], *, rto_keep: float = 1.0, seed: int = 0, use_rto: bool = True) -> Targets:
+    """Select the positions with a target. `seed` drives the RTO keep-rate only."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    rto = batch.get("rto_mask")
+    rto = torch.zeros_like(labels, dtype=torch.bool) if rto is None or not use_rto else rto.bool()
+    rto = keep_rto_positions(rto, rto_keep, seed, batch.get("position_ids"))
+    lab, rt, harm = labels[:, 1:], rto[:, 1:], input_ids[:, 1:]
+    is_mle, is_rto = lab != IGNORE, rt
+    sel = (is_mle | is_rto).reshape(-1)
+    flat = torch.nonzero(sel, as_tuple=True)[0]
+    return Targets(
+        flat_idx=flat,
+        label=lab.reshape(-1)[flat],
+        harm=harm.reshape(-1)[flat],
+        is_mle=is_mle.reshape(-1)[flat],
+        is_rto=is_rto.reshape(-1)[flat],
+    )
+
+
+# --------------------------------------------------------------------------- log-probs
+def _logit_transform(config) -> tuple[float | None, float | None]:
+    """(scale, softcap) some architectures apply to lm_head output (Cohere, Gemma 2)."""
+    scale = getattr(config, "logit_scale", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return scale, cap
+
+
+def _chunk_logprobs(h: Tensor, weight: Tensor, bias: Tensor | None, cols: Tensor, scale: float | None, cap: float | None) -> Tensor:
+    """log_softmax(h @ W^T)[:, cols] for one chunk, in float32; cols [C, K]."""
+    logits = F.linear(h, weight, bias).float()
+    if scale is not None:
+        logits = logits * scale
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    return logits.gather(1, cols) - lse
+
+
+def position_logprobs(
+    hidden: Tensor,
+    head: nn.Module,
+    cols: Tensor,
+    chunk_size: int,
+    *,
+    config=None,
+    recompute: bool = True,
+) -> Tensor:
+    """log p(cols[n, k] | position n) for selected hidden rows [N, H]; [N, K] float32.
+
+    Chunks of `chunk_size` rows; with `recompute`, each chunk's [C, V] logits are rebuilt in
+    backward instead of being stored (activation checkpointing of the head).
+    """
+    scale, cap = _logit_transform(config) if config is not None else (None, None)
+    weight, bias = head.weight, getattr(head, "bias", None)
+    outs = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, c = hidden[start : start + chunk_size], cols[start : start + chunk_size]
+        if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            outs.append(checkpoint(_chunk_logprobs, h, weight, bias, c, scale, cap, use_reentrant=False))
+        else:
+            outs.append(_chunk_logprobs(h, weight, bias, c, scale, cap))
+    if not outs:
+        return hidden.new_zeros((0, cols.shape[1]), dtype=torch.float32)
+    return torch.cat(outs)
+
+
+def target_columns(t: Targets, refusal_id: int) -> Tensor:
+    """[N, 3] vocabulary columns per position: (MLE label, refusal token, harmful token)."""
+    label = torch.where(t.is_mle, t.label, torch.full_like(t.label, refusal_id))
+    return torch.stack([label, torch.full_like(label, refusal_id), t.harm], dim=1)
+
+
+# --------------------------------------------------------------------------- combining
+@dataclass(frozen=True)
+class Denominators:
+    """Token counts of the whole global batch, so micro-batches and workers add up exactly."""
+
+    n_mle: float
+    n_rto: float
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # differentiable total: w_mle·mle + w_rto·(rto | pref), normalised by Denominators
+    loss_mle: Tensor  # detached, normalised contributions of this micro-batch
+    loss_rto: Tensor
+    loss_pref: Tensor
+    n_mle: int  # tokens in this micro-batch
+    n_rto: int
+
+
+def combine(
+    logps: Tensor,
+    t: Targets,
+    *,
+    transition: Transition,
+    w_mle: float,
+    w_rto: float,
+    beta: float = 0.1,
+    ref_logps: Tensor | None = None,
+    denom: Denominators | None = None,
+) -> LossOutput:
+    """Turn per-position log-probs [N, 3] (label, sorry, harm) into the loss terms.
+
+    derta_pref at a kept position t with Δθ = log pθ(sorry) − log pθ(harm_t) and Δref the same
+    under the reference model: −log σ(β · (Δθ − Δref)).
+    """
+    n_mle, n_rto = t.n_mle, t.n_rto
+    d_mle = float(denom.n_mle) if denom is not None else float(n_mle)
+    d_rto = float(denom.n_rto) if denom is not None else float(n_rto)
+    zero = logps.sum() * 0.0  # keeps the graph connected even when a term is empty
+    mle = -(logps[:, 0] * t.is_mle).sum() / d_mle if n_mle and d_mle else zero
+    rto, pref = zero, zero
+    if transition == "rto" and n_rto and d_rto:
+        rto = -(logps[:, 1] * t.is_rto).sum() / d_rto
+    elif transition == "pref" and n_rto and d_rto:
+        if ref_logps is None:
+            raise ValueError("derta_pref needs reference log-probs (ref_logps)")
+        margin = (logps[:, 1] - logps[:, 2]) - (ref_logps[:, 0] - ref_logps[:, 1]).to(logps.dtype)
+        pref = -(F.logsigmoid(beta * margin) * t.is_rto).sum() / d_rto
+    total = w_mle * mle + w_rto * (rto + pref)
+    return LossOutput(total, mle.detach(), rto.detach(), pref.detach(), n_mle, n_rto)
+
+
+# --------------------------------------------------------------------------- model access
+def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body (hidden states) and the vocabulary head of an HF causal LM, also
+    through a peft wrapper."""
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
+def hidden_states(lm: nn.Module, input_ids: Tensor, position_ids: Tensor | None) -> Tensor:
+    """Final hidden states [B, L, H]. No attention_mask and use_cache=False: transformers then
+    derives document-aware (block-diagonal causal) attention from packed position_ids; with a
+    cache it would silently attend across documents."""
+    decoder, _ = decoder_and_head(lm)
+    return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+def _model_config(lm: nn.Module):
+    return getattr(lm, "config", None)
+
+
+def chunked_logprobs(lm: nn.Module, batch: dict[str, Tensor], t: Targets, refusal_id: int, chunk_size: int) -> Tensor:
+    """One forward pass of the body, then the head on the selected positions only: [N, 3]."""
+    h = hidden_states(lm, batch["input_ids"], batch.get("position_ids"))
+    sel = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, t.flat_idx)
+    _, head = decoder_and_head(lm)
+    return position_logprobs(sel, head, target_columns(t, refusal_id), chunk_size, config=_model_config(lm))
+
+
+def reference_logprobs(ref_lm: nn.Module, batch: dict[str, Tensor], t: Targets, refusal_id: int, chunk_size: int) -> Tensor:
+    """[N, 2] (log p_ref(sorry), log p_ref(harm)) under no_grad. For a peft model pass the same
+    model: its adapters are disabled for this pass, so the reference costs no extra weights."""
+    with torch.no_grad():
+        if hasattr(ref_lm, "disable_adapter") and hasattr(ref_lm, "peft_config"):
+            with ref_lm.disable_adapter():
+                lp = chunked_logprobs(ref_lm, batch, t, refusal_id, chunk_size)
+        else:
+            lp = chunked_logprobs(ref_lm, batch, t, refusal_id, chunk_size)
+    return lp[:, 1:].detach()
+
+
+def derta_loss(
+    lm: nn.Module,
+    batch: dict[str, Tensor],
+    *,
+    refusal_id: int,
+    transition: Transition = "rto",
+    w_mle: float = 1.0,
+    w_rto: float = 1.0,
+    rto_keep: float = 1.0,
+    beta: float = 0.1,
+    chunk_size: int = 1024,
+    seed: int = 0,
+    ref_lm: nn.Module | None = None,
+    denom: Denominators | None = None,
+    targets: Targets | None = None,
+) -> LossOutput:
+    """The DeRTa loss of one micro-batch from a single forward pass (chunked head)."""
+    t = targets or build_targets(batch, rto_keep=rto_keep, seed=seed, use_rto=transition != "none")
+    logps = chunked_logprobs(lm, batch, t, refusal_id, chunk_size)
+    ref = None
+    if transition == "pref" and t.n_rto:
+        ref = reference_logprobs(ref_lm if ref_lm is not None else lm, batch, t, refusal_id, chunk_size)
+    return combine(logps, t, transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, ref_logps=ref, denom=denom)
+
+
+def naive_loss(
+    lm: nn.Module,
+    batch: dict[str, Tensor],
+    *,
+    refusal_id: int,
+    transition: Transition = "rto",
+    w_mle: float = 1.0,
+    w_rto: float = 1.0,
+    beta: float = 0.1,
+    targets: Targets,
+    ref_lm: nn.Module | None = None,
+    denom: Denominators | None = None,
+) -> LossOutput:
+    """Reference implementation: full [B, L, V] float32 logits, then gather. Test-only."""
+    def full_logps(model: nn.Module) -> Tensor:
+        out = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False)
+        lp = torch.log_softmax(out.logits.float()[:, :-1], dim=-1).reshape(-1, out.logits.shape[-1])
+        return lp.index_select(0, targets.flat_idx).gather(1, target_columns(targets, refusal_id))
+
+    logps = full_logps(lm)
+    ref = None
+    if transition == "pref" and targets.n_rto:
+        with torch.no_grad():
+            model = ref_lm if ref_lm is not None else lm
+            if ref_lm is None and hasattr(lm, "disable_adapter"):
+                with lm.disable_adapter():
+                    ref = full_logps(model)[:, 1:]
+            else:
+                ref = full_logps(model)[:, 1:]
+    return combine(logps, targets, transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, ref_logps=ref, denom=denom)
+
+
+# --------------------------------------------------------------------------- FSDP root
+class DertaObjective(nn.Module):
+    """Holds the causal LM so that the whole loss (body + chunked head) runs inside ONE module
+    forward. Under FSDP2 this module is the root: its pre-forward hook un-shards the
+    embedding / norm / lm_head, so the head weight can be used chunk by chunk, and its
+    post-backward reduce-scatters their gradients. Without FSDP it is a thin wrapper.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: dict[str, Tensor], targets: Targets, refusal_id: int, chunk_size: int, reference: bool = False) -> Tensor:
+        if reference:
+            return reference_logprobs(self.lm, batch, targets, refusal_id, chunk_size)
+        return chunked_logprobs(self.lm, batch, targets, refusal_id, chunk_size)
