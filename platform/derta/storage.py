@@ -84,8 +84,9 @@ def s3_client() -> Any:
 @functools.lru_cache(maxsize=8)
 def _client(endpoint: str | None, region: str | None, _key_id: str | None) -> Any:
     # Custom endpoints rarely support virtual-host buckets; path style works everywhere.
+    # Retries: "standard" mode; AWS_MAX_ATTEMPTS / AWS_RETRY_MODE still apply.
     cfg = Config(
-        retries={"max_attempts": 5, "mode": "standard"},
+        retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard")},
         s3={"addressing_style": "path"} if endpoint else {},
     )
     session = boto3.session.Session()
@@ -326,13 +327,14 @@ def download_dir(uri: PathLike, local_dir: PathLike) -> None:
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("DERTA_CACHE_DIR") or os.path.join(Path.home(), ".cache", "derta", "s3")
+    """`$DERTA_CACHE/s3` (the project's cache root, as in derta.models), else ~/.cache/derta/s3."""
+    return os.path.join(os.environ.get("DERTA_CACHE") or os.path.join(Path.home(), ".cache", "derta"), "s3")
 
 
 def local_copy(uri: PathLike, cache_dir: PathLike | None = None) -> str:
     """A local path for uri: local paths as they are; an s3 file or prefix downloaded once.
 
-    The copy lives at <cache_dir>/<bucket>/<key> and appears only when complete (downloaded to
+    The copy lives at <cache_dir or default_cache_dir()>/<bucket>/<key> and appears only when complete (downloaded to
     a temp name, then renamed), so concurrent callers on one node never see a partial model
     directory. The cache assumes objects are immutable (checkpoints, exported models).
     """
@@ -377,7 +379,20 @@ def pyarrow_fs(uri: PathLike) -> tuple[Any, str]:
     if not is_s3(uri):
         return None, uri
     bucket, key = parse_s3(uri)
-    return _arrow_s3(endpoint_url(), _region()), f"{bucket}/{key}".rstrip("/")
+    endpoint, region = endpoint_url(), _region()
+    if not endpoint and not region:
+        region = _bucket_region(bucket)  # AWS S3 proper: buckets live in one region each
+    return _arrow_s3(endpoint, region), f"{bucket}/{key}".rstrip("/")
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str | None:
+    from pyarrow import fs as pafs
+
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return None
 
 
 @functools.lru_cache(maxsize=8)

@@ -10,7 +10,8 @@ Where runs go (first match wins):
 
 `Tracker` talks to MLflow through an `MlflowClient` bound to its URI rather than MLflow's
 global "active run", so a process can hold several trackers, and a Ray Train worker or eval
-actor logs into the driver's run by `attach(run_id)` with the run id handed to it.
+actor logs into the driver's run with the `TrackingHandle` (uri, experiment, run id) handed to
+it: `with handle.attached() as tracker: tracker.log_metrics(...)`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -353,3 +355,28 @@ class TrackingHandle:
     @classmethod
     def of(cls, tracker: Tracker, run_id: str | None) -> "TrackingHandle":
         return cls(tracker.tracking_uri, tracker.experiment, run_id, tracker.artifact_location, tracker.enabled)
+
+
+# --------------------------------------------------------------------------- hand-off
+@dataclass(frozen=True)
+class TrackingHandle:
+    """What a Ray worker / actor needs to log into a run the driver opened: three strings,
+    cheap to pickle. run_id None means tracking is off, and attached() yields a no-op tracker."""
+
+    tracking_uri: str
+    experiment: str
+    run_id: str | None
+
+    @classmethod
+    def of(cls, tracker: Tracker, run_id: str | None) -> "TrackingHandle":
+        return cls(tracker.tracking_uri, tracker.experiment, run_id if tracker.enabled else None)
+
+    def tracker(self) -> Tracker:
+        return Tracker(self.tracking_uri, self.experiment, enabled=self.run_id is not None)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[Tracker]:
+        """A tracker logging into this run for the duration of the block (the run stays open)."""
+        tracker = self.tracker()
+        with tracker.attach(self.run_id):
+            yield tracker
