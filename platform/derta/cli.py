@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("plan", "print the resolved config, resources and per-GPU memory estimate; do no work"),
         ("report", "render the HTML report of a run from MLflow"),
     ]:
-        _common(verbs.add_parser(name, help=text))
+        sub = verbs.add_parser(name, help=text)
+        _common(sub)
+        if name == "report":
+            sub.add_argument("--all", dest="all_runs", action="store_true",
+                             help="one page comparing every run of the experiment (default when storage.run_name is unset)")
 
     judge = verbs.add_parser("judge", help="judge existing generations (JSONL)")
     _common(judge)
@@ -85,7 +89,7 @@ def _cmd_plan(cfg: ExperimentConfig, args) -> None:
 def _cmd_report(cfg: ExperimentConfig, args) -> None:
     from derta.pipeline import report_only
 
-    report_only(cfg)
+    report_only(cfg, all_runs=getattr(args, "all_runs", False))
 
 
 def _cmd_judge(cfg: ExperimentConfig, args) -> None:

@@ -7,6 +7,8 @@ Each stage reads what the previous one stored under the run directory, so every 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -44,9 +46,12 @@ def run_paths(cfg: ExperimentConfig) -> RunPaths:
     return RunPaths(cfg.storage.root, cfg.storage.run_name)
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
+    """The platform's commit (asked in the package's directory, so it is found whatever the cwd)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -57,10 +62,13 @@ def make_tracker(cfg: ExperimentConfig) -> Tracker:
 
 
 def _tags(cfg: ExperimentConfig) -> dict[str, Any]:
-    tags = {"method": cfg.train.method, "model": cfg.model.name_or_path, "schedule": cfg.train.schedule}
+    """Tags on the parent run and every stage run, so MLflow can filter any of them by these."""
+    tags = {"method": cfg.train.method, "model": cfg.model.name_or_path, "schedule": cfg.train.schedule,
+            "config_fingerprint": cfg.fingerprint()}
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
     return tags
 
 
@@ -75,10 +83,12 @@ def _parent_run(cfg: ExperimentConfig, paths: RunPaths, verb: str) -> Iterator[t
 
 
 @contextlib.contextmanager
-def _stage(tracker: Tracker, parent: str | None, name: str, timings: dict[str, float]) -> Iterator[TrackingHandle]:
+def _stage(tracker: Tracker, parent: str | None, name: str, timings: dict[str, float],
+           cfg: ExperimentConfig | None = None) -> Iterator[TrackingHandle]:
     console.rule(f"[bold]{name}")
     start = time.perf_counter()
-    with tracker.run(name, parent_run_id=parent, tags={"stage": name}) as run_id:
+    tags = {**(_tags(cfg) if cfg is not None else {}), "stage": name}
+    with tracker.run(name, parent_run_id=parent, tags=tags) as run_id:
         yield TrackingHandle.of(tracker, run_id)
     timings[name] = time.perf_counter() - start
     console.print(f"[green]{name} done in {timings[name]:.1f}s")
@@ -107,7 +117,63 @@ def _train(cfg: ExperimentConfig, paths: RunPaths, handle: TrackingHandle) -> st
     result = train(cfg, paths, handle)
     with handle.attached() as t:
         t.set_tags({"model_dir": result.model_dir})
+    log_model(cfg, handle, result.model_dir)
     return result.model_dir
+
+
+MODEL_LOG_MAX_BYTES = 512 * 1024 * 1024  # local models up to this size are copied into MLflow whole
+MODEL_META_FILES = ("config.json", "generation_config.json", "adapter_config.json", "tokenizer_config.json",
+                    "special_tokens_map.json")
+
+
+def registered_model_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.tracking.experiment}-{cfg.train.method}"
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def log_model(cfg: ExperimentConfig, handle: TrackingHandle, model_dir: str) -> str | None:
+    """Log the final model to the train run and register a version of `registered_model_name`.
+
+    A small local model is logged whole under the run's `model/` artifacts; a large or s3://
+    one only by its metadata files, and the registered version points at model_dir itself, so
+    70B weights are never copied. Returns "name/version", or None when tracking is off or the
+    store has no registry (a warning, never a failed run).
+    """
+    if not handle.run_id or not storage.exists(model_dir):
+        return None
+    try:
+        from mlflow.exceptions import MlflowException
+
+        with handle.attached() as t:
+            whole = not storage.is_s3(model_dir) and _dir_bytes(model_dir) <= MODEL_LOG_MAX_BYTES
+            if whole:
+                t.log_artifact(model_dir, "model")
+            else:
+                for f in MODEL_META_FILES:
+                    if storage.exists(storage.join(model_dir, f)):
+                        t.log_artifact(storage.join(model_dir, f), "model")
+            client, name = t.client, registered_model_name(cfg)
+            try:
+                client.create_registered_model(name, tags={"method": cfg.train.method}, description=(
+                    f"DeRTa ({cfg.train.method}) fine-tunes of {cfg.model.name_or_path}, experiment {cfg.tracking.experiment}"))
+            except MlflowException as e:
+                if "RESOURCE_ALREADY_EXISTS" not in str(getattr(e, "error_code", "")) + str(e):
+                    raise
+            tags = {"method": cfg.train.method, "base_model": cfg.model.name_or_path, "model_dir": model_dir,
+                    "run_name": cfg.storage.run_name or "", **({"git_commit": git_commit()} if git_commit() else {})}
+            source = f"runs:/{handle.run_id}/model" if whole else model_dir
+            try:
+                mv = client.create_model_version(name, source=source, run_id=handle.run_id, tags=tags)
+            except MlflowException:  # some servers refuse sources outside their artifact store
+                mv = client.create_model_version(name, source=f"runs:/{handle.run_id}/model", run_id=handle.run_id, tags=tags)
+            t.set_tags({"registered_model": f"{name}/{mv.version}"})
+            return f"{name}/{mv.version}"
+    except Exception as e:  # noqa: BLE001 - the model is on disk; tracking it is best effort
+        console.print(f"[yellow]MLflow: model not logged/registered: {type(e).__name__}: {e}")
+        return None
 
 
 def _eval(cfg: ExperimentConfig, paths: RunPaths, model_dir: str, handle: TrackingHandle) -> dict[str, Any]:
@@ -144,15 +210,16 @@ def run_all(cfg: ExperimentConfig) -> RunSummary:
     summary = RunSummary(paths, make_tracker(cfg).tracking_uri, None)
     with _parent_run(cfg, paths, "run") as (tracker, parent):
         summary.parent_run_id = parent
-        with _stage(tracker, parent, "data", summary.timings) as h:
+        with _stage(tracker, parent, "data", summary.timings, cfg) as h:
             _build(cfg, paths, h)
-        with _stage(tracker, parent, "train", summary.timings) as h:
+        with _stage(tracker, parent, "train", summary.timings, cfg) as h:
             summary.model_dir = _train(cfg, paths, h)
-        with _stage(tracker, parent, "eval", summary.timings) as h:
+        with _stage(tracker, parent, "eval", summary.timings, cfg) as h:
             summary.metrics = _eval(cfg, paths, summary.model_dir, h)
         with tracker.attach(parent):
             tracker.log_metrics(_headline(summary.metrics))
         _report(cfg, paths, tracker, parent)
+        _experiment_report(cfg, tracker)
         summary.timings["total"] = time.perf_counter() - t0
         with tracker.attach(parent):
             tracker.log_metrics({f"time_{k}_s": v for k, v in summary.timings.items()})
@@ -165,7 +232,7 @@ def build_data(cfg: ExperimentConfig) -> None:
     ensure_ray(cfg)
     timings: dict[str, float] = {}
     with _parent_run(cfg, paths, "data build") as (tracker, parent):
-        with _stage(tracker, parent, "data", timings) as h:
+        with _stage(tracker, parent, "data", timings, cfg) as h:
             _build(cfg, paths, h)
     console.print(f"transition samples: {paths.data}  (run name: {paths.name})")
 
@@ -175,9 +242,9 @@ def train_only(cfg: ExperimentConfig) -> None:
     ensure_ray(cfg)
     timings: dict[str, float] = {}
     with _parent_run(cfg, paths, "train") as (tracker, parent):
-        with _stage(tracker, parent, "data", timings) as h:
+        with _stage(tracker, parent, "data", timings, cfg) as h:
             _ensure_data(cfg, paths, h)
-        with _stage(tracker, parent, "train", timings) as h:
+        with _stage(tracker, parent, "train", timings, cfg) as h:
             model_dir = _train(cfg, paths, h)
     console.print(f"model: {model_dir}  (run name: {paths.name})")
 
@@ -189,17 +256,35 @@ def eval_only(cfg: ExperimentConfig) -> None:
     with _parent_run(cfg, paths, "eval") as (tracker, parent):
         summary.parent_run_id = parent
         summary.model_dir = trained_model_dir(cfg, paths)
-        with _stage(tracker, parent, "eval", summary.timings) as h:
+        with _stage(tracker, parent, "eval", summary.timings, cfg) as h:
             summary.metrics = _eval(cfg, paths, summary.model_dir, h)
         _report(cfg, paths, tracker, parent)
     print_summary(summary)
 
 
-def report_only(cfg: ExperimentConfig) -> None:
-    paths = run_paths(cfg)
+def _experiment_report(cfg: ExperimentConfig, tracker: Tracker) -> str | None:
+    """Refresh the experiment's comparison page; a failure here never fails a finished run."""
+    from derta.report.html import write_experiment_report
+
+    try:
+        return write_experiment_report(cfg, tracker)
+    except Exception as e:  # noqa: BLE001
+        console.print(f"[yellow]experiment report not written: {type(e).__name__}: {e}")
+        return None
+
+
+def report_only(cfg: ExperimentConfig, all_runs: bool = False) -> str:
+    """`derta report`: the run's page with storage.run_name set (and not all_runs), else the
+    page comparing every run of the experiment (tracking.experiment)."""
     tracker = make_tracker(cfg)
-    path = _report(cfg, paths, tracker, None)
+    if all_runs or cfg.storage.run_name is None:
+        from derta.report.html import write_experiment_report
+
+        path = write_experiment_report(cfg, tracker)
+    else:
+        path = _report(cfg, run_paths(cfg), tracker, None)
     console.print(f"report: {path}")
+    return path
 
 
 # --------------------------------------------------------------------------- output

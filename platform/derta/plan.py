@@ -1,29 +1,54 @@
-"""`derta plan`: what a run will ask the cluster for, and whether it fits, before asking.
+"""`derta plan` / `jobs/X.py --plan`: what a run will ask the cluster for, and whether it fits,
+before asking for anything (no Ray, no weights: the model is built on the meta device).
 
-Per-GPU memory under FSDP2 full sharding over N = train.workers GPUs, P parameters,
-L layers, hidden size h, vocabulary V, micro-batch b, sequence length s (bytes):
+Notation: N = train.workers (one GPU each), P parameters, L decoder layers, P_layer the
+parameters of one decoder layer, P_root = P - L·P_layer (embeddings, final norm, lm_head),
+h hidden size, h_kv = kv_heads·head_dim, i MLP intermediate size, V vocabulary, b =
+train.micro_batch, s = data.max_len, c = 2 bytes (bf16 compute), A LoRA adapter parameters.
 
-  full fine-tuning (fp32 master params, bf16 compute, AdamW):
-      params 4P/N + grads 4P/N + Adam moments 8P/N            = 16P/N
-  LoRA (frozen base in the compute dtype, trainable adapters of A parameters):
-      base 2P/N (bf16) + adapters 16A/N
-  gathered layer (all-gather of one decoder layer, double-buffered): 2 * 2 * P_layer
-  activations, bf16 (Korthikanti et al. 2022, with flash/SDPA attention):
-      with activation checkpointing: 2*b*s*h per layer (layer inputs) + 34*b*s*h (one layer live)
-      without:                       34*b*s*h per layer
-  loss: one chunk of fp32 logits and its gradient: 2 * 4 * chunk * V
+Training, bytes per GPU, FSDP2 full sharding as derta.train does it:
+  m = master weight bytes: 4 (fp32 master weights, bf16 compute) on GPU with FSDP mixed
+      precision (train/loop.py), else the bytes of model.dtype
+  full fine-tuning   weights m·P/N   grads m·P/N   AdamW moments 2·m·P/N     (4P/N, 4P/N, 8P/N)
+  LoRA               weights m·P/N + 4A/N (frozen base + fp32 adapters), grads 4A/N, moments 8A/N
+                     A = r · Σ (in + out) over the targeted linears of every decoder layer
+  reference model    m·P/N more for derta_pref with full fine-tuning (a frozen copy)
+  gathered           c·(2·P_layer + P_root): the layer in use, the next one prefetched, and the
+                     root group, which FSDP2 keeps unsharded from forward to backward
+  unsharded grads    c·(P_layer + P_root), full fine-tuning only: before the reduce-scatter
+  activations        bf16, SDPA/flash attention (no s² term), no dropout. Elements saved per
+                     token and layer: a = 6h + 2·h_kv + 4i (2 norm inputs, 2 norm outputs =
+                     projection inputs, q, attention output; k, v; gate, up, SiLU(gate),
+                     SiLU(gate)·up). Without activation checkpointing c·b·s·a·L; with it
+                     (per decoder layer) c·b·s·h·L (layer inputs) + c·b·s·a (one layer
+                     recomputed in backward)
+  loss               2·4·min(chunk, b·s)·V: one fp32 chunk of logits and its gradient
+                     (train/losses.py never builds the full [b·s, V] logits)
+  total              the sum × 1.10 (CUDA context, NCCL buffers, allocator fragmentation)
 
-The estimate leaves out the CUDA context and allocator fragmentation; `headroom` (10%) covers them.
+Evaluation, per engine actor over T = eval.tensor_parallel GPUs (vLLM or HF):
+  weights c·P/T, KV cache of one batch 2·L·h_kv·c·(s + max_new_tokens)·eval.batch_size / T,
+  within vLLM's budget of 0.85 × GPU memory (eval/engines.py gpu_memory_utilization).
+
+A plan fails (False, exit 1 from the jobs) when a stage that uses GPUs does not fit
+train.gpu_memory_gb GiB per GPU, or when tensor parallelism spans more GPUs than a node has.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
 
 from derta.config import ExperimentConfig, dump_yaml
 
 GiB = 1024**3
 HEADROOM = 0.10
+COMPUTE_BYTES = 2  # bf16
+VLLM_MEMORY_UTILIZATION = 0.85  # eval/engines.py EngineSpec.gpu_memory_utilization
+GPUS_PER_NODE = 8  # p5.48xlarge, a3-highgpu-8g, the KubeRay GPU group (clusters/)
+STAGES = ("train", "eval")
+DTYPE_BYTES = {"float32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -32,100 +57,320 @@ class ModelShape:
     layers: int
     hidden: int
     vocab: int
+    intermediate: int
+    kv_dim: int  # num_key_value_heads * head_dim
+    layer_params: int
     lora_params: int = 0
 
     @property
-    def layer_params(self) -> int:
-        return max(1, (self.params - 2 * self.vocab * self.hidden) // max(1, self.layers))
+    def root_params(self) -> int:
+        return self.params - self.layers * self.layer_params
+
+    @property
+    def act_elements(self) -> int:
+        """Activation elements saved per token by one decoder layer (module docstring)."""
+        return 6 * self.hidden + 2 * self.kv_dim + 4 * self.intermediate
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Bytes per GPU for training, part by part (module docstring)."""
+
     weights: float
     grads: float
     optimizer: float
+    reference: float
     gathered: float
+    unsharded_grads: float
     activations: float
     logits: float
 
+    PARTS = ("weights", "grads", "optimizer", "reference", "gathered", "unsharded_grads", "activations", "logits")
+
+    @property
+    def subtotal(self) -> float:
+        return sum(getattr(self, p) for p in self.PARTS)
+
     @property
     def total(self) -> float:
-        return (self.weights + self.grads + self.optimizer + self.gathered + self.activations + self.logits) * (
-            1 + HEADROOM
-        )
+        return self.subtotal * (1 + HEADROOM)
+
+
+@dataclass(frozen=True)
+class EvalEstimate:
+    """Bytes per GPU for one inference engine actor."""
+
+    weights: float
+    kv_cache: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a run asks Ray for. Stages run one after another, so the peak is the larger one."""
+
+    train_workers: int
+    train_gpus: int
+    train_cpus: float
+    eval_actors: int
+    gpus_per_actor: int
+    judge_gpus: int = 0  # an LLM judge engine beside the eval engines (same Ray Data pipeline)
+    concurrent_trials: int = 1
+    gpus_per_node: int = GPUS_PER_NODE
+
+    @property
+    def eval_gpus(self) -> int:
+        return self.eval_actors * self.gpus_per_actor + self.judge_gpus
+
+    @property
+    def peak_gpus(self) -> int:
+        return max(self.train_gpus * self.concurrent_trials, self.eval_gpus)
+
+    @property
+    def gpu_nodes(self) -> int:
+        return math.ceil(self.peak_gpus / self.gpus_per_node)
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    resources: Resources
+    train: MemoryEstimate | None
+    eval: EvalEstimate | None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+# --------------------------------------------------------------------------- pure estimates
+def master_bytes(cfg: ExperimentConfig) -> int:
+    """Bytes per master weight, as train/loop.py loads them."""
+    t = cfg.train
+    if t.use_gpu and t.fsdp.enabled and t.fsdp.mixed_precision:
+        return 4
+    if cfg.model.dtype == "auto":
+        return 2 if t.use_gpu else 4
+    return DTYPE_BYTES[cfg.model.dtype]
 
 
 def estimate_memory(shape: ModelShape, cfg: ExperimentConfig) -> MemoryEstimate:
-    """Bytes per GPU (see the module docstring for each formula)."""
-    n = cfg.train.workers
-    p = shape.params
+    """Training bytes per GPU (formulas in the module docstring)."""
+    n, p, a = cfg.train.workers, shape.params, shape.lora_params
+    m, c = master_bytes(cfg), COMPUTE_BYTES
     b, s, h = cfg.train.micro_batch, cfg.data.max_len, shape.hidden
-    if cfg.model.lora is not None:
-        weights = 2 * p / n + 4 * shape.lora_params / n
-        grads = 4 * shape.lora_params / n
-        optimizer = 8 * shape.lora_params / n
+    lora = cfg.model.lora is not None
+    if lora:
+        weights, grads, optimizer = m * p / n + 4 * a / n, 4 * a / n, 8 * a / n
+        unsharded = 0.0
     else:
-        weights, grads, optimizer = 4 * p / n, 4 * p / n, 8 * p / n
-    gathered = 2 * 2 * shape.layer_params
-    per_layer = 34 * b * s * h
+        weights, grads, optimizer = m * p / n, m * p / n, 2 * m * p / n
+        unsharded = c * (shape.layer_params + shape.root_params)
+    reference = m * p / n if cfg.train.method == "derta_pref" and not lora else 0.0
+    gathered = c * (2 * shape.layer_params + shape.root_params)
+    per_layer = c * b * s * shape.act_elements
     if cfg.train.fsdp.activation_checkpointing:
-        activations = 2 * b * s * h * shape.layers + per_layer
+        activations = c * b * s * h * shape.layers + per_layer
     else:
         activations = per_layer * shape.layers
     logits = 2 * 4 * min(cfg.train.loss.chunk_size, b * s) * shape.vocab
-    return MemoryEstimate(weights, grads, optimizer, gathered, activations, logits)
+    return MemoryEstimate(weights, grads, optimizer, reference, gathered, unsharded, activations, logits)
 
 
-def model_shape(cfg: ExperimentConfig) -> ModelShape:
-    """Count parameters from the model's config on the meta device: no weights are loaded."""
+def estimate_eval(shape: ModelShape, cfg: ExperimentConfig) -> EvalEstimate:
+    """Inference bytes per GPU for one engine over eval.tensor_parallel GPUs."""
+    t, c, e = cfg.eval.tensor_parallel, COMPUTE_BYTES, cfg.eval
+    kv = 2 * shape.layers * shape.kv_dim * c * (cfg.data.max_len + e.max_new_tokens) * e.batch_size
+    return EvalEstimate(c * shape.params / t, kv / t)
+
+
+def eval_uses_gpu(cfg: ExperimentConfig) -> bool:
+    """Engines go on GPUs when the run trains on GPUs or vLLM is asked for (engine=auto picks
+    vLLM on a GPU node)."""
+    return cfg.train.use_gpu or cfg.eval.engine == "vllm"
+
+
+def resources(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, gpus_per_node: int = GPUS_PER_NODE) -> Resources:
+    stages = tuple(stages)
+    t = cfg.train
+    train = "train" in stages or "tune" in stages
+    evaluate = "eval" in stages or "generate" in stages
+    trials = 1
+    if "tune" in stages:
+        trials = cfg.tune.max_concurrent_trials or cfg.tune.num_samples
+    return Resources(
+        train_workers=t.workers if train else 0,
+        train_gpus=t.workers if (train and t.use_gpu) else 0,
+        train_cpus=t.workers * t.cpus_per_worker if train else 0.0,
+        eval_actors=cfg.eval.num_actors if evaluate else 0,
+        gpus_per_actor=cfg.eval.tensor_parallel if (evaluate and eval_uses_gpu(cfg)) else 0,
+        judge_gpus=1 if ("eval" in stages and cfg.eval.judge == "llm" and eval_uses_gpu(cfg)) else 0,
+        concurrent_trials=trials,
+        gpus_per_node=gpus_per_node,
+    )
+
+
+def check(plan: Plan, cfg: ExperimentConfig) -> None:
+    """Fill plan.problems (the run cannot work) and plan.notes (it can, but look)."""
+    limit = cfg.train.gpu_memory_gb * GiB
+    r = plan.resources
+    if plan.train is not None and cfg.train.use_gpu and plan.train.total > limit:
+        plan.problems.append(
+            f"training needs {plan.train.total / GiB:.1f} GiB per GPU > {cfg.train.gpu_memory_gb:g} GiB "
+            "(more workers, LoRA, train.fsdp.activation_checkpointing or a smaller train.micro_batch)")
+    if plan.eval is not None and r.gpus_per_actor:
+        budget = VLLM_MEMORY_UTILIZATION * limit
+        if plan.eval.total > budget:
+            plan.problems.append(
+                f"an eval engine needs {plan.eval.total / GiB:.1f} GiB per GPU > {budget / GiB:.1f} GiB "
+                f"({VLLM_MEMORY_UTILIZATION:.0%} of {cfg.train.gpu_memory_gb:g}); raise eval.tensor_parallel "
+                "or lower eval.batch_size")
+        if r.gpus_per_actor > r.gpus_per_node:
+            plan.problems.append(f"eval.tensor_parallel={r.gpus_per_actor} spans more than one {r.gpus_per_node}-GPU node")
+    if plan.train is not None:
+        per_step = cfg.train.workers * cfg.train.micro_batch
+        if cfg.train.global_batch % per_step:
+            plan.notes.append(f"train.global_batch={cfg.train.global_batch} is not a multiple of workers x micro_batch "
+                              f"= {per_step}: the trainer rounds accumulation down to {max(1, cfg.train.global_batch // per_step)}")
+
+
+def make_plan(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, shape: ModelShape | None = None,
+              gpus_per_node: int = GPUS_PER_NODE, model: str | None = None) -> Plan:
+    """Resources + memory estimates + problems for the given stages (train, eval, tune,
+    generate); `model` sizes another model than cfg.model (e.g. a generation model)."""
+    stages = tuple(stages)
+    shape = shape or model_shape(cfg, model)
+    training = "train" in stages or "tune" in stages
+    evaluating = "eval" in stages or "generate" in stages
+    plan = Plan(
+        shape=shape,
+        resources=resources(cfg, stages, gpus_per_node),
+        train=estimate_memory(shape, cfg) if training else None,
+        eval=estimate_eval(shape, cfg) if evaluating else None,
+    )
+    check(plan, cfg)
+    return plan
+
+
+# --------------------------------------------------------------------------- model shape
+def _decoder_layers(model):
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:  # the longest ModuleList is the stack of blocks
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+        layers = max(lists, key=len) if lists else []
+    return list(layers)
+
+
+def shape_from_hf_config(hf, lora_r: int | None = None, lora_targets: Iterable[str] = (),
+                         trust_remote_code: bool = False) -> ModelShape:
+    """Count parameters of an HF config's model built on the meta device: no weights, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=trust_remote_code)
+    params = sum(p.numel() for p in model.parameters())
+    layers = _decoder_layers(model)
+    layer_params = sum(p.numel() for p in layers[0].parameters()) if layers else 0
+    lora = 0
+    if lora_r is not None:
+        targets = set(lora_targets)
+        for layer in layers:
+            for name, module in layer.named_modules():
+                if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
+                    lora += lora_r * (module.in_features + module.out_features)
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    return ModelShape(params, len(layers) or text.num_hidden_layers, text.hidden_size, text.vocab_size,
+                      intermediate, kv_heads * head_dim, layer_params, lora)
+
+
+def model_shape(cfg: ExperimentConfig, name_or_path: str | None = None) -> ModelShape:
+    """The shape of cfg's model (or another model, e.g. a generation model), from its config
+    alone: an HF id fetches config.json only; s3:// and builtin: go through resolve_model_path."""
+    from transformers import AutoConfig
 
     from derta.models import resolve_model_path
 
-    hf = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf, trust_remote_code=cfg.model.trust_remote_code)
-    params = sum(p.numel() for p in model.parameters())
-    lora = 0
-    if cfg.model.lora is not None:
-        targets = set(cfg.model.lora.target_modules)
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
-                lora += cfg.model.lora.r * (module.in_features + module.out_features)
-    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-    return ModelShape(params, text.num_hidden_layers, text.hidden_size, text.vocab_size, lora)
+    ref = name_or_path or cfg.model.name_or_path
+    hf = AutoConfig.from_pretrained(resolve_model_path(ref), revision=cfg.model.revision if name_or_path is None else None,
+                                    trust_remote_code=cfg.model.trust_remote_code)
+    lora = cfg.model.lora if name_or_path is None else None
+    return shape_from_hf_config(hf, lora.r if lora else None, lora.target_modules if lora else (),
+                                cfg.model.trust_remote_code)
 
 
+# --------------------------------------------------------------------------- output
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def print_plan(cfg: ExperimentConfig) -> bool:
+def print_plan(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, *, show_config: bool = True,
+               gpus_per_node: int = GPUS_PER_NODE, model: str | None = None) -> bool:
     """Print config, resources and memory; False when the run cannot fit the GPUs it names."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    console.rule("resolved config (secrets redacted)")
-    console.print(dump_yaml(cfg.redacted()), markup=False)
-    t = cfg.train
+    stages = tuple(stages)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 110  # job logs and pipes: no wrapping at 80 columns
+    if show_config:
+        console.rule("resolved config (secrets redacted)")
+        console.print(dump_yaml(cfg.redacted()), markup=False)
+    plan = make_plan(cfg, stages, gpus_per_node=gpus_per_node, model=model)
+    t, r, shape = cfg.train, plan.resources, plan.shape
     console.rule("resources")
-    accel = f"{t.workers} x GPU" if t.use_gpu else "no GPU"
-    console.print(f"train: {t.workers} workers x {t.cpus_per_worker} CPU, {accel}; method={t.method}, "
-                  f"{'LoRA' if cfg.model.lora else 'full fine-tuning'}, FSDP2={t.fsdp.enabled}")
-    console.print(f"eval: {cfg.eval.num_actors} engine actor(s) x {cfg.eval.tensor_parallel} GPU(s), engine={cfg.eval.engine}")
-    shape = model_shape(cfg)
-    est = estimate_memory(shape, cfg)
-    table = Table(title=f"per-GPU memory estimate: {_count(shape.params)} params, {t.workers} shards")
-    table.add_column("part")
-    table.add_column("GiB", justify="right")
-    for part in ("weights", "grads", "optimizer", "gathered", "activations", "logits"):
-        table.add_row(part, f"{getattr(est, part) / GiB:.2f}")
-    table.add_row(f"total (+{HEADROOM:.0%} headroom)", f"{est.total / GiB:.2f}")
-    console.print(table)
-    if t.use_gpu and est.total > t.gpu_memory_gb * GiB:
-        console.print(f"[red]does not fit: {est.total / GiB:.1f} GiB > {t.gpu_memory_gb} GiB per GPU "
-                      "(more workers, LoRA, activation checkpointing or a smaller micro_batch)")
-        return False
-    return True
+    if plan.train is not None:
+        accel = f"{r.train_gpus} GPU" if r.train_gpus else "no GPU"
+        trials = f" x {r.concurrent_trials} concurrent trials" if r.concurrent_trials > 1 else ""
+        console.print(f"train: {t.workers} workers x ({t.cpus_per_worker:g} CPU{', 1 GPU' if t.use_gpu else ''}) = "
+                      f"{r.train_cpus:g} CPU, {accel}{trials}; method={t.method}, "
+                      f"{'LoRA r=' + str(cfg.model.lora.r) if cfg.model.lora else 'full fine-tuning'}, "
+                      f"FSDP2={t.fsdp.enabled}, activation checkpointing={t.fsdp.activation_checkpointing}")
+        if t.use_gpu:
+            accum = max(1, t.global_batch // (t.workers * t.micro_batch))
+            console.print(f"       global batch {t.global_batch} = {t.workers} workers x micro-batch {t.micro_batch} x "
+                          f"{accum} accumulation steps")
+    if plan.eval is not None:
+        gpus = f"{r.gpus_per_actor} GPU(s) each" if r.gpus_per_actor else "CPU"
+        judge = f" + LLM judge ({r.judge_gpus} GPU)" if r.judge_gpus else ""
+        console.print(f"{'generate' if 'generate' in stages else 'eval'}: {r.eval_actors} engine actor(s), {gpus}, "
+                      f"engine={cfg.eval.engine}{judge}")
+    if r.peak_gpus:
+        console.print(f"peak: {r.peak_gpus} GPUs = {r.gpu_nodes} node(s) of {r.gpus_per_node} GPUs")
+    if plan.train is not None:
+        console.print(f"training memory per GPU: {model or cfg.model.name_or_path}, {_count(shape.params)} params"
+                      + (f", {_count(shape.lora_params)} LoRA" if cfg.model.lora else "") + f", {t.workers} shards")
+        table = Table()
+        table.add_column("part")
+        table.add_column("GiB", justify="right")
+        for part in MemoryEstimate.PARTS:
+            value = getattr(plan.train, part)
+            if value or part in ("weights", "grads", "optimizer", "activations"):
+                table.add_row(part.replace("_", " "), f"{value / GiB:.2f}")
+        table.add_row(f"total (+{HEADROOM:.0%} headroom)", f"{plan.train.total / GiB:.2f}")
+        console.print(table)
+    if plan.eval is not None:
+        console.print(f"{'generation' if 'generate' in stages else 'eval'} memory per GPU ({model or cfg.model.name_or_path}): weights {plan.eval.weights / GiB:.2f} GiB + KV cache of one batch "
+                      f"{plan.eval.kv_cache / GiB:.2f} GiB = {plan.eval.total / GiB:.2f} GiB"
+                      + ("" if r.gpus_per_actor else " (on CPU)"))
+    for note in plan.notes:
+        console.print(f"[yellow]note: {note}")
+    if not t.use_gpu and plan.train is not None:
+        console.print(f"(train.use_gpu is false: the fit check against {t.gpu_memory_gb:g} GiB applies to GPU runs)")
+    for problem in plan.problems:
+        console.print(f"[red]does not fit: {problem}")
+    console.print("[green]plan fits" if plan.fits else "[red]plan does not fit: nothing was requested from Ray")
+    return plan.fits

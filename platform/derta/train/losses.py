@@ -201,7 +201,7 @@ def combine(
     n_mle, n_rto = t.n_mle, t.n_rto
     d_mle = float(denom.n_mle) if denom is not None else float(n_mle)
     d_rto = float(denom.n_rto) if denom is not None else float(n_rto)
-    zero = logps.sum() * 0.0  # keeps the graph connected even when a term is empty
+    zero = logps.sum() * 0.0 + 0.0  # (+0.0: no "-0.0" in logs) keeps the graph connected even when a term is empty
     mle = -(logps[:, 0] * t.is_mle).sum() / d_mle if n_mle and d_mle else zero
     rto, pref = zero, zero
     if transition == "rto" and n_rto and d_rto:

@@ -1,0 +1,358 @@
+"""The per-worker training loop Ray Train runs on every worker (`train_loop_per_worker`).
+
+One loop for every method and schedule: a *stage* is (dataset, loss form, weights); the joint
+schedule is one stage, the sequential schedule two (MLE, then RTO/pref). Per optimizer step a
+worker takes `accum` micro-batches from its Ray Data shard, the token counts of the whole
+global batch are all-reduced first, so the loss of every micro-batch is normalised by the
+global counts and the accumulated gradient is exactly that of one big batch.
+
+Determinism (what makes resume exact): the shard order is fixed (no shuffle at iteration time,
+preserve_order in the trainer's DataConfig), the RTO keep-rate and dropout RNG are re-seeded
+from (seed, stage, step, rank) at every step, and the data position (epoch, micro-batches
+consumed) is saved in every checkpoint and skipped on resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from derta.config import ExperimentConfig
+from derta.train import checkpoint as ckpt
+from derta.train import fsdp
+from derta.train.losses import Denominators, DertaObjective, build_targets, combine
+
+COLUMNS = ("input_ids", "labels", "rto_mask", "position_ids")
+DTYPES = {"input_ids": torch.long, "labels": torch.long, "rto_mask": torch.bool, "position_ids": torch.long}
+
+# Dense bf16 peak FLOP/s per GPU, for MFU (first matching substring of the device name).
+PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12), ("L4", 121e12), ("V100", 125e12)]
+
+
+# --------------------------------------------------------------------------- plans (pure)
+@dataclass(frozen=True)
+class StepPlan:
+    """How the rows of one stage turn into optimizer steps on this world size."""
+
+    accum: int  # micro-batches per optimizer step per worker
+    batches_per_epoch: int  # usable micro-batches per worker per epoch (a multiple of accum)
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    global_batch: int  # rows per optimizer step, all workers
+
+
+def step_plan(rows: int, world: int, micro_batch: int, global_batch: int, epochs: float, max_steps: int | None,
+              warmup_ratio: float) -> StepPlan:
+    """accum = global_batch / (micro_batch · world) (at least 1); a worker's shard has
+    rows // world rows (Ray's equal split), iterated in micro-batches with drop_last."""
+    accum = max(1, global_batch // (micro_batch * world))
+    micro_per_epoch = (rows // world) // micro_batch
+    if micro_per_epoch == 0:
+        raise ValueError(f"{rows} training rows are too few for {world} workers x micro_batch {micro_batch}")
+    accum = min(accum, micro_per_epoch)  # tiny datasets: at least one step per epoch
+    steps_per_epoch = micro_per_epoch // accum
+    total = max_steps if max_steps else max(1, math.ceil(epochs * steps_per_epoch))
+    warmup = int(round(warmup_ratio * total))
+    return StepPlan(accum, steps_per_epoch * accum, steps_per_epoch, total, warmup, accum * micro_batch * world)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_seed(seed: int, stage: int, step: int, rank: int, micro: int = 0) -> int:
+    return (seed * 1_000_003 + stage * 7_919 + step * 104_729 + rank * 1_299_709 + micro * 15_485_863) % (2**31 - 1)
+
+
+def micro_batches(shard, plan: StepPlan, micro_batch: int, epoch: int, offset: int) -> Iterator[tuple[int, int, dict]]:
+    """(epoch, offset after this batch, batch) forever, starting at (epoch, offset); each epoch
+    yields the same `plan.batches_per_epoch` batches in the same order."""
+    while True:
+        it = shard.iter_torch_batches(batch_size=micro_batch, drop_last=True, dtypes=DTYPES)
+        i = 0
+        for batch in it:
+            if i >= plan.batches_per_epoch:
+                break
+            if i >= offset:
+                yield epoch, i + 1, {k: batch[k] for k in COLUMNS if k in batch}
+            i += 1
+        epoch, offset = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------- helpers
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS if k in name), None)
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class _Tracking:
+    """Rank-0 MLflow logging into the driver's run; a no-op without a handle."""
+
+    def __init__(self, handle: dict | None, rank: int):
+        self.tracker = None
+        self._ctx = None
+        if handle and rank == 0 and handle.get("run_id"):
+            try:
+                from derta.tracking import Tracker
+
+                self.tracker = Tracker(handle["tracking_uri"], handle.get("experiment", "derta"))
+                self._ctx = self.tracker.attach(handle["run_id"])
+                self._ctx.__enter__()
+            except Exception as e:  # tracking must never kill a training run
+                print(f"[derta.train] MLflow tracking disabled on this worker: {e}", flush=True)
+                self.tracker = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is not None:
+            try:
+                self.tracker.log_metrics(metrics, step=step)
+            except Exception as e:
+                print(f"[derta.train] MLflow log_metrics failed: {e}", flush=True)
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+
+def _maybe_kill(fault: dict | None, rank: int, global_step: int) -> None:
+    """Fault injection for the resume test: SIGKILL this worker once, at a given step."""
+    if not fault or rank != fault.get("rank", 1) or global_step != fault.get("step"):
+        return
+    marker = fault["marker"]
+    if os.path.exists(marker):
+        return
+    with open(marker, "w") as f:
+        f.write(str(global_step))
+    print(f"[derta.train] fault injection: killing rank {rank} at step {global_step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- the loop
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. config: {"experiment": cfg.to_dict(), "stages": [...],
+    "checkpoint_root": str, "model_uri": str, "tracking": {...} | None, "fault": {...} | None,
+    "resume_from": str | None}. See trainer.py for how it is built."""
+    import ray.train
+
+    for k, v in (config.get("env") or {}).items():
+        os.environ[k] = v  # the driver's cache / object store / tracking settings win
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    tc = cfg.train
+    rank, world = _rank_world()
+    device = torch.device("cpu")
+    if tc.use_gpu and torch.cuda.is_available():
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+
+    from derta.models import apply_lora, load_model, load_tokenizer, refusal_token_id, resolve_model_path, torch_dtype
+
+    tokenizer = load_tokenizer(cfg.model)
+    refusal_id = refusal_token_id(tokenizer, tc.refusal_token, tc.refusal_token_fallback)
+    compute_dtype = torch_dtype(cfg.model.dtype, tc.use_gpu)
+    # With FSDP mixed precision the sharded master weights stay float32; compute is bf16.
+    master = cfg.model if not (tc.use_gpu and tc.fsdp.enabled and tc.fsdp.mixed_precision) else cfg.model.model_copy(update={"dtype": "float32"})
+    torch.manual_seed(tc.seed)  # identical init (LoRA adapters) on every rank
+    lm = load_model(master, use_gpu=tc.use_gpu)
+    n_params = sum(p.numel() for p in lm.parameters())
+    lora = cfg.model.lora is not None
+    stages = config["stages"]
+    ref_objective = None
+    if any(s["transition"] == "pref" for s in stages) and not lora:
+        ref_lm = copy.deepcopy(lm).eval()
+        for p in ref_lm.parameters():
+            p.requires_grad_(False)
+        ref_objective = DertaObjective(ref_lm).to(device)
+    if lora:
+        lm = apply_lora(lm, cfg.model.lora)
+    if tc.fsdp.activation_checkpointing:
+        fsdp.enable_activation_checkpointing(lm)
+    lm.train()
+    objective = DertaObjective(lm).to(device)
+    model, mode = fsdp.wrap(objective, lm, tc.fsdp, use_gpu=tc.use_gpu, device=device, param_dtype=compute_dtype)
+    if ref_objective is not None and mode == "fsdp2":
+        ref_objective, _ = fsdp.wrap(ref_objective, ref_objective.lm, tc.fsdp, use_gpu=tc.use_gpu, device=device, param_dtype=compute_dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    peak = _peak_flops(device)
+
+    tracking = _Tracking(config.get("tracking"), rank)
+    if rank == 0:
+        print(f"[derta.train] {world} worker(s), {mode}, device {device}, params {n_params / 1e6:.1f}M, "
+              f"trainable {sum(p.numel() for p in params) / 1e6:.2f}M, "
+              f"refusal token id {refusal_id}", flush=True)
+
+    # ------------------------------------------------------------- resume point
+    resume_dir, state = None, ckpt.TrainState()
+    ray_ckpt = ray.train.get_checkpoint()
+    tmp_resume = None
+    if tc.resume == "auto":
+        if ray_ckpt is not None:
+            tmp_resume = tempfile.mkdtemp(prefix="derta-resume-")
+            ray_ckpt.to_directory(tmp_resume)
+            resume_dir = tmp_resume
+        elif config.get("resume_from"):
+            from derta import storage
+
+            src = config["resume_from"]
+            if storage.is_s3(src):
+                tmp_resume = tempfile.mkdtemp(prefix="derta-resume-")
+                storage.download_dir(src, tmp_resume)
+                resume_dir = tmp_resume
+            else:
+                resume_dir = src
+    if resume_dir:
+        state = ckpt.read_state(resume_dir)
+        if rank == 0:
+            print(f"[derta.train] resuming from stage {state.stage} step {state.step} (epoch {state.epoch}, "
+                  f"micro-batch {state.offset})", flush=True)
+
+    fault = config.get("fault")
+    final_metrics: dict[str, float] = {}
+    global_step = state.global_step
+    for si, stage in enumerate(stages):
+        if si < state.stage:
+            continue
+        plan = step_plan(stage["rows"], world, tc.micro_batch, tc.global_batch, tc.epochs, tc.max_steps, tc.warmup_ratio)
+        optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, p=plan: lr_factor(s, p.warmup_steps, p.total_steps))
+        st = ckpt.TrainState(stage=si, total_steps=plan.total_steps, global_step=global_step)
+        if resume_dir and state.stage == si:
+            st = ckpt.load_checkpoint(model, optimizer, resume_dir, lora=lora)
+            scheduler.load_state_dict(st.scheduler)
+            global_step = st.global_step
+            resume_dir = None
+        if rank == 0:
+            print(f"[derta.train] stage {si + 1}/{len(stages)} ({stage['name']}): {stage['rows']} rows, "
+                  f"{plan.total_steps} steps, accum {plan.accum}, global batch {plan.global_batch}", flush=True)
+        shard = ray.train.get_dataset_shard(stage["dataset"])
+        batches = micro_batches(shard, plan, tc.micro_batch, st.epoch, st.offset)
+        t_start, steps_timed, tok_window, t_window = time.perf_counter(), 0, 0, time.perf_counter()
+        while st.step < plan.total_steps:
+            torch.manual_seed(step_seed(tc.seed, si, st.step, rank))
+            micro = []
+            for _ in range(plan.accum):
+                st.epoch, st.offset, b = next(batches)
+                micro.append({k: v.to(device) for k, v in b.items()})
+            targets = [
+                build_targets(b, rto_keep=tc.loss.rto_keep, seed=step_seed(tc.seed, si, st.step, rank, i),
+                              use_rto=stage["transition"] != "none")
+                for i, b in enumerate(micro)
+            ]
+            counts = _all_reduce(torch.tensor([sum(t.n_mle for t in targets), sum(t.n_rto for t in targets)], dtype=torch.float64, device=device))
+            denom = Denominators(float(counts[0]), float(counts[1]))
+            sums = torch.zeros(4, dtype=torch.float64, device=device)
+            for i, (b, t) in enumerate(zip(micro, targets)):
+                ref = None
+                if stage["transition"] == "pref" and t.n_rto:
+                    with torch.no_grad():
+                        ref = (ref_objective or model)(b, t, refusal_id, tc.loss.chunk_size, reference=True)
+                sync = mode != "ddp" or i == len(micro) - 1
+                ctx = model.no_sync() if not sync else _null()
+                with ctx:
+                    logps = model(b, t, refusal_id, tc.loss.chunk_size)
+                    out = combine(logps, t, transition=stage["transition"], w_mle=stage["w_mle"], w_rto=stage["w_rto"],
+                                  beta=tc.loss.beta, ref_logps=ref, denom=denom)
+                    (out.loss * world).backward()  # FSDP/DDP average gradients over ranks
+                sums += torch.stack([out.loss.detach(), out.loss_mle, out.loss_rto, out.loss_pref]).to(torch.float64)
+                tok_window += b["input_ids"].numel()
+            grad_norm = fsdp.clip_grad_norm(params, tc.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            st.step += 1
+            global_step += 1
+            st.global_step = global_step
+            steps_timed += 1
+
+            log_now = st.step % tc.log_every == 0 or st.step == plan.total_steps
+            save_now = (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or st.step == plan.total_steps
+            metrics: dict[str, float] = {}
+            if log_now:
+                totals = _all_reduce(torch.cat([sums, torch.tensor([tok_window], dtype=torch.float64, device=device)]))
+                dt = time.perf_counter() - t_window
+                tps = float(totals[4]) / max(dt, 1e-9)
+                metrics = {"loss": float(totals[0]), "loss_mle": float(totals[1]), "loss_rto": float(totals[2]),
+                           "loss_pref": float(totals[3]), "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                           "n_mle_tokens": denom.n_mle, "n_rto_tokens": denom.n_rto, "epoch": float(st.epoch), "stage": float(si)}
+                if peak:
+                    metrics["mfu"] = 6.0 * n_params * tps / (peak * world)
+                final_metrics = metrics
+                if rank == 0:
+                    elapsed = time.perf_counter() - t_start
+                    eta = elapsed / steps_timed * (plan.total_steps - st.step)
+                    print(f"[derta.train] step {st.step}/{plan.total_steps} loss {metrics['loss']:.4f} "
+                          f"(mle {metrics['loss_mle']:.4f} rto {metrics['loss_rto']:.4f}"
+                          f"{' pref %.4f' % metrics['loss_pref'] if stage['transition'] == 'pref' else ''}) "
+                          f"lr {lr:.2e} gnorm {grad_norm:.3f} {tps:,.0f} tok/s ETA {_fmt_time(eta)}", flush=True)
+                    tracking.log(metrics, global_step)
+                tok_window, t_window = 0, time.perf_counter()
+            if save_now:
+                st.scheduler = scheduler.state_dict()
+                local = tempfile.mkdtemp(prefix=f"derta-ckpt-r{rank}-")
+                try:
+                    ckpt.save_checkpoint(model, optimizer, st, local, lora=lora)
+                    ray.train.report({**metrics, "step": global_step, "stage": si},
+                                     checkpoint=ray.train.Checkpoint.from_directory(local),
+                                     checkpoint_dir_name=f"checkpoint_s{si}_{st.step:08d}")
+                finally:
+                    shutil.rmtree(local, ignore_errors=True)
+            _maybe_kill(fault, rank, global_step)
+        state = ckpt.TrainState(stage=si + 1)
+    if tmp_resume:
+        shutil.rmtree(tmp_resume, ignore_errors=True)
+
+    # ------------------------------------------------------------- export
+    base_path = resolve_model_path(cfg.model.name_or_path)
+    export_dtype = torch_dtype(cfg.model.dtype, tc.use_gpu)
+    t0 = time.perf_counter()
+    ckpt.export_model(model, config["model_uri"], base_path=base_path, tokenizer=tokenizer,
+                      lora_cfg=cfg.model.lora, dtype=export_dtype, base_ref=cfg.model.name_or_path)
+    if rank == 0:
+        print(f"[derta.train] exported {config['model_uri']} in {time.perf_counter() - t0:.1f}s", flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    ray.train.report({**final_metrics, "step": global_step, "done": 1})
+    tracking.close()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

@@ -1,0 +1,233 @@
+"""The training stage's entry point: assemble a Ray Train TorchTrainer and run it.
+
+`train(cfg, paths, tracking)` turns the method + schedule into stages, gets one Ray Dataset per
+stage from the data stage, counts its rows (so the LR schedule knows the real number of
+steps), and runs `loop.train_loop_per_worker` on `train.workers` workers (gloo on CPU, NCCL on
+GPU). Checkpoints live under paths.checkpoints (Ray's storage path, local or s3://); the final
+model is an HF directory at paths.model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from derta import storage
+from derta.config import ExperimentConfig
+from derta.paths import RunPaths
+
+log = logging.getLogger(__name__)
+
+RAY_RUN_NAME = "train"  # <paths.checkpoints>/train/checkpoint_s<stage>_<step>/
+MLE_KINDS = ["helpful", "vanilla", "prefix"]
+TRANSITION_KINDS = ["rto", "pref"]
+FAULT_ENV = "DERTA_TRAIN_FAULT"  # "<step>:<marker file>[:<rank>]": SIGKILL a worker once (tests)
+
+
+@dataclass
+class TrainResult:
+    model_dir: str
+    steps: int
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def transition_of(method: str) -> str:
+    """The loss form on rto_mask positions: RTO cross-entropy, per-position preference, or none."""
+    return {"rto": "rto", "derta": "rto", "derta_pref": "pref"}.get(method, "none")
+
+
+def plan_stages(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """Stages without row counts: name, dataset key, data kinds (None = all), loss form, weights.
+
+    joint (the paper): one stage, w_mle·MLE + w_rto·RTO summed over one mixed dataset.
+    sequential: an MLE stage over helpful/vanilla/prefix rows, then an RTO (or preference)
+    stage over rto/pref rows. Methods without a transition term have one stage either way.
+    """
+    tr = transition_of(cfg.train.method)
+    w = cfg.train.loss
+    if cfg.train.schedule == "joint" or tr == "none":
+        return [{"name": "joint" if tr != "none" else "mle", "dataset": "train", "kinds": None,
+                 "transition": tr, "w_mle": w.w_mle, "w_rto": w.w_rto}]
+    return [
+        {"name": "mle", "dataset": "train", "kinds": MLE_KINDS, "transition": "none", "w_mle": w.w_mle, "w_rto": 0.0},
+        {"name": tr, "dataset": "train_transition", "kinds": TRANSITION_KINDS, "transition": tr, "w_mle": w.w_mle, "w_rto": w.w_rto},
+    ]
+
+
+def _dataset(cfg: ExperimentConfig, paths: RunPaths, kinds: list[str] | None):
+    from derta.data.pipeline import training_dataset
+
+    ds = training_dataset(cfg, paths, kinds=kinds)
+    cols = set(ds.columns() or [])
+    keep = [c for c in ("input_ids", "labels", "rto_mask", "position_ids") if c in cols]
+    return ds.select_columns(keep) if set(keep) != cols else ds
+
+
+WORKER_ENV = ("DERTA_CACHE", "DERTA_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI")
+
+
+def _storage_fs(uri: str):
+    """(pyarrow filesystem | None, path) for Ray's checkpoint storage. For s3 the credentials
+    the driver resolved are put into the filesystem object itself, so workers whose process
+    environment lacks them (a local cluster started earlier) still reach the store."""
+    fs, path = storage.pyarrow_fs(uri)
+    if fs is None:
+        return fs, path
+    import boto3
+    from pyarrow import fs as pafs
+
+    creds = boto3.session.Session().get_credentials()
+    if creds is None:
+        return fs, path
+    frozen = creds.get_frozen_credentials()
+    kwargs: dict[str, Any] = {"access_key": frozen.access_key, "secret_key": frozen.secret_key,
+                              "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or storage.DEFAULT_REGION}
+    if frozen.token:
+        kwargs["session_token"] = frozen.token
+    endpoint = storage.endpoint_url()
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        if not host:
+            scheme, host = "https", endpoint
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    return pafs.S3FileSystem(**kwargs), path
+
+
+def _handle_dict(tracking: Any) -> dict | None:
+    if tracking is None:
+        return None
+    if isinstance(tracking, dict):
+        return tracking
+    return {"tracking_uri": tracking.tracking_uri, "experiment": tracking.experiment, "run_id": tracking.run_id}
+
+
+def _fault_from_env() -> dict | None:
+    text = os.environ.get(FAULT_ENV)
+    if not text:
+        return None
+    parts = text.split(":")
+    return {"step": int(parts[0]), "marker": parts[1], "rank": int(parts[2]) if len(parts) > 2 else 1}
+
+
+def _log_params(handle: dict | None, params: dict[str, Any], tags: dict[str, Any] | None = None) -> None:
+    if not handle or not handle.get("run_id"):
+        return
+    try:
+        from derta.tracking import Tracker
+
+        tracker = Tracker(handle["tracking_uri"], handle.get("experiment", "derta"))
+        with tracker.attach(handle["run_id"]):
+            if params:
+                tracker.log_params(params)
+            if tags:
+                tracker.set_tags(tags)
+    except Exception as e:  # a duplicate param or an unreachable server must not fail training
+        log.warning("MLflow logging from the trainer failed: %s", e)
+
+
+def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datasets: dict[str, Any] | None = None) -> TrainResult:
+    """Run the training stage; returns where the model is and the last logged metrics.
+
+    `datasets` (stage dataset key -> ray.data.Dataset) overrides the data stage, for tests
+    and notebooks that build rows themselves.
+    """
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from derta.cluster import ensure_ray
+    from derta.train.loop import step_plan
+
+    ensure_ray(cfg)
+    tc = cfg.train
+    stages = plan_stages(cfg)
+    ds_map: dict[str, Any] = {}
+    for st in list(stages):
+        ds = (datasets or {}).get(st["dataset"]) if datasets else _dataset(cfg, paths, st["kinds"])
+        if ds is None:
+            raise ValueError(f"no dataset for training stage {st['name']!r} (key {st['dataset']!r})")
+        rows = ds.count()
+        if rows == 0:
+            log.warning("training stage %s has no rows; skipped", st["name"])
+            stages.remove(st)
+            continue
+        st["rows"] = rows
+        ds_map[st["dataset"]] = ds
+    if not stages:
+        from derta.config import ConfigError
+
+        raise ConfigError("train: no training rows for any stage (check data.mix and train.method)")
+    plans = [step_plan(st["rows"], tc.workers, tc.micro_batch, tc.global_batch, tc.epochs, tc.max_steps, tc.warmup_ratio)
+             for st in stages]
+    for st, p in zip(stages, plans):
+        st["total_steps"] = p.total_steps
+
+    ckpt_root = paths.checkpoints
+    if tc.resume == "never":
+        storage.delete(storage.join(ckpt_root, RAY_RUN_NAME))
+    fs, storage_path = _storage_fs(ckpt_root)
+    if fs is None:
+        storage_path = os.path.abspath(storage_path)
+        os.makedirs(storage_path, exist_ok=True)
+
+    handle = _handle_dict(tracking)
+    _log_params(handle, {
+        "train.method": tc.method, "train.schedule": tc.schedule, "train.workers": tc.workers,
+        "train.lr": tc.lr, "train.global_batch": tc.global_batch, "train.micro_batch": tc.micro_batch,
+        "train.loss": tc.loss.model_dump(), "train.fsdp": tc.fsdp.model_dump(),
+        "model.name_or_path": cfg.model.name_or_path, "model.lora": cfg.model.lora.model_dump() if cfg.model.lora else None,
+        **{f"trainer.stage{i}.{k}": v for i, (st, p) in enumerate(zip(stages, plans))
+           for k, v in {"name": st["name"], "rows": st["rows"], "steps": p.total_steps, "accum": p.accum,
+                        "effective_global_batch": p.global_batch, "warmup_steps": p.warmup_steps}.items()},
+    })
+
+    # Settings the workers need to reach the same model cache, object store and tracking
+    # server as the driver. Sent inside the (pickled) loop config and applied by the worker,
+    # not as a runtime_env, so credentials never show up in Ray's dashboard.
+    env = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+    loop_config = {
+        "experiment": cfg.to_dict(),
+        "stages": [{k: v for k, v in st.items() if k != "kinds"} for st in stages],
+        "model_uri": paths.model,
+        "tracking": handle,
+        "fault": _fault_from_env(),
+        "resume_from": None,
+        "env": env,
+    }
+    if tc.resume == "auto":
+        from derta.train.checkpoint import find_latest
+
+        loop_config["resume_from"] = find_latest(storage.join(ckpt_root, RAY_RUN_NAME))
+
+    trainer = TorchTrainer(
+        _entry,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=ds_map,
+        dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    steps = int(metrics.get("step", sum(p.total_steps for p in plans)))
+    _log_params(handle, {}, tags={"model_dir": paths.model})
+    return TrainResult(model_dir=paths.model, steps=steps, final_metrics=metrics)
+
+
+def _entry(config: dict[str, Any]) -> None:
+    # Imported inside the worker so the driver does not pickle the loop module's globals.
+    from derta.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)
