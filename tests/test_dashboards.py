@@ -21,7 +21,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-import pytest
 import yaml
 
 from _fixtures import ray_local  # noqa: F401
@@ -272,14 +271,15 @@ def test_recorded_metrics_reach_prometheus_under_the_dashboard_names(ray_local):
                                   {"attack": "prefill", "unsafe": False, "refusal_pos": 3}], run=run)
 
     @ray.remote(num_cpus=0)
-    def generate_in_a_worker() -> bool:  # eval engines and trainers record from Ray workers
-        from derta import telemetry as t
+    class Engine:  # eval engines and training workers record from their own Ray processes
+        def generate(self) -> bool:
+            from derta import telemetry as t
 
-        t.record_generations("prefill", 8, tokens=96, seconds=1.5, run="telemetry-test")
-        time.sleep(1.0)  # let the worker's metrics be reported before it idles
-        return t.enabled()
+            t.record_generations("prefill", 8, tokens=96, seconds=1.5, run="telemetry-test")
+            return t.enabled()
 
-    assert ray.get(generate_in_a_worker.remote())
+    engine = Engine.remote()  # kept alive until scraped: a process reports its metrics periodically
+    assert ray.get(engine.generate.remote())
     port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
     deadline, missing, text = time.monotonic() + 60, set(telemetry.PROMETHEUS_NAMES), ""
     while missing and time.monotonic() < deadline:
@@ -287,6 +287,7 @@ def test_recorded_metrics_reach_prometheus_under_the_dashboard_names(ray_local):
         text = _scrape(port)
         exported = set(re.findall(r"^(ray_derta_[a-zA-Z0-9_:]*)", text, re.M))
         missing = set(telemetry.PROMETHEUS_NAMES) - exported
+    ray.kill(engine)
     assert not missing, f"not exported under the expected name: {sorted(missing)}"
     stray = exported - set(telemetry.PROMETHEUS_NAMES)
     assert not stray, f"exported but unknown to derta.telemetry: {sorted(stray)}"

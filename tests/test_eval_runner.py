@@ -98,7 +98,7 @@ def test_evaluate_end_to_end_with_http_judge_and_mlflow(ray_local, tiny_model_di
     assert {"eval/generations.jsonl", "eval/metrics.json", "eval/generations_table.json"} <= arts
 
 
-def test_resume_skips_done_prompts_and_pair_runs_on_actors(ray_local, tiny_model_dir, tmp_path, monkeypatch):
+def test_resume_skips_done_prompts_and_runs_pair(ray_local, tiny_model_dir, tmp_path, monkeypatch):
     from derta.eval.runner import evaluate
 
     small = pair.PairSettings(streams=2, depth=1, attacker_max_new_tokens=8)

@@ -218,18 +218,14 @@ class Head:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        from ray.job_submission import JobSubmissionClient
-
+    def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
+        while time.monotonic() < deadline and self.proc.poll() is None:
             try:
-                urllib.request.urlopen(f"{self.url}/api/version", timeout=2).close()
-                JobSubmissionClient(self.url).list_jobs()
+                _rest(self.url, "/api/version")
+                _rest(self.url, "/api/jobs/")  # the job manager answers too
                 return
-            except Exception:  # noqa: BLE001 - not up yet
+            except OSError:  # not up yet (URLError, connection refused, 5xx)
                 time.sleep(0.5)
         raise RuntimeError(f"Ray head did not come up in {timeout}s:\n{self.log.read_text(errors='replace')[-3000:]}")
 
@@ -262,13 +258,25 @@ class Head:
             pass
 
 
+def _rest(url: str, path: str):
+    """The Jobs REST API (what the SDK and the CLI call), from this process without Ray state."""
+    with urllib.request.urlopen(url + path, timeout=10) as r:
+        return json.loads(r.read())
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
-    """A real Ray head with the dashboard on 127.0.0.1; yields (dashboard URL, client env)."""
+    """A real Ray head with the dashboard on 127.0.0.1; yields (dashboard URL, client env).
+
+    Its own --temp-dir (so `ray.init()` elsewhere never finds it), its own ports, token auth
+    off on loopback: a token in ~/.ray from other local clusters must not decide who may talk
+    to it (the head and every client get RAY_AUTH_MODE explicitly).
+    """
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's unix socket paths
     cache = tmp_path_factory.mktemp("derta_cache")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    env.update(DERTA_CACHE=str(cache), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "PYTHONPATH") and not k.startswith("RAY_AUTH_")}
+    env.update(DERTA_CACHE=str(cache), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
     head = Head(temp_dir, env)
     try:
         head.wait_ready()
@@ -280,17 +288,13 @@ def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def _wait(url: str, job_id: str, timeout: float) -> tuple[str, str]:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(url)
+    """Poll until the job ends; (status, logs)."""
     deadline = time.monotonic() + timeout
-    status = client.get_job_status(job_id)
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+    status = _rest(url, f"/api/jobs/{job_id}")["status"]
+    while status not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
         time.sleep(1)
-        status = client.get_job_status(job_id)
-    if status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        client.stop_job(job_id)
-    return str(status), client.get_job_logs(job_id)
+        status = _rest(url, f"/api/jobs/{job_id}")["status"]
+    return status, _rest(url, f"/api/jobs/{job_id}/logs")["logs"]
 
 
 PROBE = """
@@ -304,16 +308,28 @@ print("PROBE " + json.dumps({"driver": derta.config.__file__, "task": ray.get(wh
 """
 
 
+SUBMIT_WITH_SDK = """
+import sys
+from ray.job_submission import JobSubmissionClient
+from derta.runtime_env import job_runtime_env
+print(JobSubmissionClient(sys.argv[1]).submit_job(entrypoint=sys.argv[2], runtime_env=job_runtime_env()))
+"""
+
+
 @pytest.mark.slow
 def test_jobs_sdk_ships_the_package_to_driver_and_workers(ray_head):
     """Jobs SDK + job_runtime_env(): `derta` comes from the uploaded working dir, not the install."""
-    from ray.job_submission import JobSubmissionClient
-
-    url, _ = ray_head
-    job_id = JobSubmissionClient(url).submit_job(entrypoint=f"python -c {shlex.quote(PROBE)}", runtime_env=job_runtime_env())
-    status, logs = _wait(url, job_id, 120)
+    url, env = ray_head
+    entrypoint = f"python -c {shlex.quote(PROBE)}"
+    sub = subprocess.run([sys.executable, "-c", SUBMIT_WITH_SDK, url, entrypoint], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    job_id = sub.stdout.strip().splitlines()[-1]
+    status, logs = _wait(url, job_id, 150)
     assert status == "SUCCEEDED", logs[-4000:]
-    probe = json.loads(logs.split("PROBE ", 1)[1].splitlines()[0])
+    found = re.search(r"^PROBE (\{.*\})$", logs, re.M)  # (the echoed entrypoint holds the word too)
+    assert found, logs[-4000:]
+    probe = json.loads(found.group(1))
     driver, (task_file, task_cwd, tokenizers) = probe["driver"], probe["task"]
     for path in (driver, task_file):
         assert "working_dir_files" in path and path.endswith("platform/derta/config.py"), path
@@ -332,8 +348,12 @@ def test_ray_job_submit_runs_the_demo_job(ray_head, tmp_path):
     job_id = f"derta-demo-{os.getpid()}-{int(time.time())}"
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
            "--submission-id", job_id, "--", "python", "jobs/demo.py", "--set", *sets]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-    status, logs = _wait(url, job_id, 30)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired:
+        urllib.request.urlopen(urllib.request.Request(f"{url}/api/jobs/{job_id}/stop", method="POST"), timeout=10)
+        raise
+    status, logs = _wait(url, job_id, 10)
     assert proc.returncode == 0 and status == "SUCCEEDED", (proc.stdout[-3000:] + proc.stderr[-2000:] + logs[-3000:])
     assert f"Job '{job_id}' succeeded" in proc.stdout + proc.stderr
 

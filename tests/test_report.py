@@ -40,7 +40,7 @@ from derta.eval.helpfulness import score as help_score
 from derta.eval.judges import JudgeInput, RefusalJudge
 from derta.eval.metrics import compute_metrics
 from derta.report import html as report_html
-from derta.report.data import helpfulness_mean, load_experiment, prefix_histogram, refusal_positions
+from derta.report.data import helpfulness_mean, load_experiment, load_run, prefix_histogram, refusal_positions
 from derta.tracking import Tracker
 
 RUNS = {"vanilla-demo": "vanilla", "derta-demo": "derta"}
@@ -226,6 +226,10 @@ def test_report_data_reads_runs_back_from_mlflow_and_files(store: Store):
     # DeRTa's refusals come later (after the prefill) than vanilla's.
     assert max(refusal_positions(d)) > 0 and helpfulness_mean(d.metrics) is not None
     assert sum(prefix_histogram(d.manifest).values()) == 60
+    # One run by name (what `derta report --set storage.run_name=...` does): same data.
+    one = load_run(store.tracker, "derta-demo", str(store.root))
+    assert one.run_id == d.run_id and one.curves == d.curves and one.metrics == d.metrics and one.config
+    assert load_run(store.tracker, "no-such-run", str(store.root)).has_data is False
     assert prefix_histogram({"stats": {"prefix_length_histogram": {"0": 3, "1-4": 2}}}) == {"0": 3, "1-4": 2}
 
 
@@ -459,3 +463,8 @@ def test_console_error_detection_is_real(browser: Browser, tmp_path):
     text = "\n".join(result.errors)
     assert "console.error: boom" in text and "undefinedFunction" in text and "missing.png" in text
     assert result.images == [{"alt": "x", "ok": False, "w": 0, "h": 0}]
+
+
+def test_page_never_shows_tracking_credentials():
+    page = report_html.render([], "x", tracker=Tracker("http://bob:s3cr3t@mlflow.internal:5000", "derta"))
+    assert "s3cr3t" not in page and "bob:***@mlflow.internal" in page

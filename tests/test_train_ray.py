@@ -80,27 +80,35 @@ def test_rto_training_raises_refusal_probability_and_logs_to_mlflow(ray_local, t
     assert tracker.client.get_run(run_id).data.tags["model_dir"] == paths.model
 
 
-def test_lora_preference_trains_and_exports_merged_model_and_adapter(ray_local, tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_lora_preference_sequential_trains_and_exports_merged_model_and_adapter(ray_local, tiny_model_dir, tiny_tokenizer,
+                                                                                  tmp_path):
+    """LoRA on FSDP2 with activation checkpointing, the sequential schedule (an MLE stage on
+    helpful rows, then the per-position preference stage on rto rows) in one worker group."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from derta.paths import RunPaths
     from derta.train.trainer import train
 
-    rows = to_rows(demo_samples(tiny_tokenizer, 12, 20), MAX_LEN, tiny_tokenizer.pad_token_id)
+    pad = tiny_tokenizer.pad_token_id
+    mle_rows = to_rows(demo_samples(tiny_tokenizer, 16, 0), MAX_LEN, pad)
+    pref_rows = to_rows(demo_samples(tiny_tokenizer, 0, 16), MAX_LEN, pad)
     root = str(tmp_path / "runs")
     cfg = _cfg(root, "lora", tiny_model_dir, lora={"r": 8, "alpha": 16, "dropout": 0.0}, method="derta_pref",
-               max_steps=6, lr=1e-2, loss={"beta": 0.5})
+               schedule="sequential", max_steps=4, lr=1e-2, loss={"beta": 0.5},
+               fsdp={"activation_checkpointing": True})
     paths = RunPaths(root, "lora")
-    res = train(cfg, paths, None, datasets={"train": ray_local.data.from_items(rows)})
-    assert res.steps == 6
-    # The reference is the base model (adapters off), so the loss starts at log 2 and falls.
+    res = train(cfg, paths, None, datasets={"train": ray_local.data.from_items(mle_rows),
+                                            "train_transition": ray_local.data.from_items(pref_rows)})
+    assert res.steps == 8  # 4 per stage
+    # The reference is the base model (adapters off): the loss starts at log 2 and falls.
     assert res.final_metrics["loss_pref"] < math.log(2.0) - 0.05, res.final_metrics
+    assert res.final_metrics["stage"] == 1.0
 
     merged = AutoModelForCausalLM.from_pretrained(paths.model, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(base, f"{paths.model}/adapter").eval()
-    ids = torch.tensor([rows[0]["input_ids"][:64]])
+    ids = torch.tensor([pref_rows[0]["input_ids"][:64]])
     with torch.no_grad():
         a, b = merged(input_ids=ids).logits, adapted(input_ids=ids).logits
         plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(input_ids=ids).logits

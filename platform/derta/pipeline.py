@@ -309,11 +309,12 @@ def print_summary(summary: RunSummary) -> None:
     if m.get("asr_mean") is not None:
         table.add_row("ASR mean (%)", f"{m['asr_mean']:.1f}")
     pos = m.get("refusal_position") or {}
-    if pos.get("first5_share") is not None:
-        table.add_row("refusals starting in first 5 tokens (%)", f"{pos['first5_share']:.1f}")
+    if pos.get("within_first_5") is not None:
+        table.add_row(f"refusals starting in first 5 {pos.get('unit', 'token')}s (%)", f"{pos['within_first_5']:.1f}")
     for name, value in (m.get("helpfulness") or {}).items():
-        if isinstance(value, (int, float)):
-            table.add_row(f"helpfulness {name}", f"{value:.3f}")
+        score = value.get("score") if isinstance(value, dict) else value
+        if isinstance(score, (int, float)):
+            table.add_row(f"helpfulness {name}", f"{score:.1f}")
     if m.get("over_refusal") is not None:
         table.add_row("over-refusal (%)", f"{m['over_refusal']:.1f}")
     for stage, secs in summary.timings.items():

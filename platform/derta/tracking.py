@@ -324,39 +324,6 @@ class Tracker:
         self.client.log_table(self._run_id(), data=pd.DataFrame(rows), artifact_file=name)
 
 
-# --------------------------------------------------------------------------- hand-off to Ray processes
-from dataclasses import dataclass  # noqa: E402
-
-
-@dataclass(frozen=True)
-class TrackingHandle:
-    """What a Ray worker or actor needs to log into the driver's run: settings + run id."""
-
-    tracking_uri: str
-    experiment: str
-    run_id: str | None
-    artifact_location: str | None = None
-    enabled: bool = True
-
-    def tracker(self) -> Tracker:
-        return Tracker(self.tracking_uri, self.experiment, self.enabled, self.artifact_location)
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator[Tracker]:
-        """`with handle.attached() as t: t.log_metrics(...)` from any process."""
-        t = self.tracker()
-        if not self.enabled or not self.run_id:
-            t.enabled = False
-            yield t
-            return
-        with t.attach(self.run_id):
-            yield t
-
-    @classmethod
-    def of(cls, tracker: Tracker, run_id: str | None) -> "TrackingHandle":
-        return cls(tracker.tracking_uri, tracker.experiment, run_id, tracker.artifact_location, tracker.enabled)
-
-
 # --------------------------------------------------------------------------- hand-off
 @dataclass(frozen=True)
 class TrackingHandle:

@@ -88,10 +88,29 @@ class DataManifest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for MLflow (data.samples, data.samples.rto, data.tokens.trained, ...)."""
+        out: dict[str, float] = {
+            "data.samples": self.num_samples,
+            "data.heldout": self.heldout,
+            "data.skipped": sum(self.skipped.values()),
+            "data.trimmed": sum(self.trimmed.values()),
+        }
+        out.update({f"data.samples.{k}": v for k, v in self.counts.items()})
+        for key in ("total", "trained", "rto_positions", "mean_len", "max_len", "build_seconds"):
+            if key in self.tokens:
+                out[f"data.tokens.{key}"] = self.tokens[key]
+        out.update({f"data.skipped.{_metric_key(k)}": v for k, v in self.skipped.items()})
+        return {k: float(v) for k, v in out.items()}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataManifest":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _metric_key(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in text)
 
 
 def data_fingerprint(cfg: ExperimentConfig) -> str:
@@ -338,7 +357,18 @@ class BuildSamples:
             by_role.setdefault(r["source_id"].split(":", 1)[0], []).append(r)
         records = [rec for role, rs in by_role.items() for rec in self.plans[role].select(rs)]
         samples, skips = self.builder.build(records)
+        _telemetry(Counter(s.kind for s in samples), skips)
         return _sample_table(samples, skips)
+
+
+def _telemetry(built: Counter, skipped: Counter) -> None:
+    """Live counters for Grafana (no-ops without Ray / with DERTA_TELEMETRY=0; never raise)."""
+    from derta import telemetry
+
+    if built:
+        telemetry.record_samples_built(dict(built))
+    for reason, n in skipped.items():
+        telemetry.record_rows_skipped(n, reason=reason)
 
 
 def _actor_pool(max_size: int | None = None):
@@ -369,6 +399,7 @@ def build_stream(cfg: ExperimentConfig, plan: Plan | None = None):
 
     Runs the scan pass (validation, split, mix) eagerly; the sample building streams.
     """
+    cfg, _ = _with_generated(cfg, None)  # ConfigError when responses would need generating
     plan = plan or make_plan(cfg)
     return _stream(cfg, plan).map_batches(_only_kinds, batch_format="pyarrow", fn_kwargs={"kinds": KINDS})
 
@@ -485,11 +516,14 @@ def build(cfg: ExperimentConfig, paths) -> DataManifest:
     ensure_ray(cfg)
     t0 = time.time()
     pad_id = check_template(cfg)
-    plan = make_plan(cfg)
+    src_cfg, gen_skipped = _with_generated(cfg, _abs(paths.data))
+    plan = make_plan(src_cfg)
+    plan.skipped.update(gen_skipped)
+    _telemetry(Counter(), plan.skipped)
     build_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     shard_dir = storage.join(_abs(paths.data), f"shards-{build_id}")
     sink = _sink_cls()(shard_dir)
-    _stream(cfg, plan).write_datasink(sink)
+    _stream(src_cfg, plan).write_datasink(sink)
     stats = _merge_stats(sink.results)
     shards = sorted(r["shard"] for r in sink.results if r["shard"])
     per_kind = stats["per_kind"]
@@ -542,6 +576,21 @@ def build(cfg: ExperimentConfig, paths) -> DataManifest:
     storage.write_json(paths.manifest, manifest.to_dict())  # the commit
     _remove_stale_shards(_abs(paths.data), keep=shard_dir)
     return manifest
+
+
+def _with_generated(cfg: ExperimentConfig, data_uri: str | None) -> tuple[ExperimentConfig, Counter]:
+    """cfg with data.safety pointing at the generated triples when data.generate is on."""
+    from derta.data import generate
+
+    if not generate.wanted(cfg):
+        return cfg, Counter()
+    if data_uri is None:
+        raise ConfigError("data.generate: responses are generated into a run dir; run `derta data build` first")
+    src, skipped = generate.fill_missing(cfg, data_uri)
+    raw = cfg.to_dict()
+    raw["data"]["safety"] = src.model_dump(mode="json")
+    raw["data"]["generate"] = None
+    return ExperimentConfig.model_validate(raw), skipped
 
 
 def _abs(uri: str) -> str:

@@ -108,13 +108,22 @@ def parse_public(prefix: str, text: str, safe: str) -> tuple[str, str, str | Non
     return "plain", query, None, body
 
 
-def normalize(raw: Any, role: str, fields: FieldMap, fmt: str) -> tuple[dict[str, str | None], str | None, str | None]:
-    """A raw row -> (text columns, error message, reason key). Pure; never raises."""
+def normalize(
+    raw: Any, role: str, fields: FieldMap, fmt: str, optional: tuple[str, ...] = ()
+) -> tuple[dict[str, str | None], str | None, str | None]:
+    """A raw row -> (text columns, error message, reason key). Pure; never raises.
+
+    optional: record columns that may be missing or empty (None then): the responses that
+    data.generate will fill in.
+    """
     out: dict[str, str | None] = dict.fromkeys(TEXT_COLUMNS)
     if not isinstance(raw, dict):
         return out, f"row is a {type(raw).__name__}, not an object", "not_an_object"
     values = {}
     for col, name in role_fields(role, fields, fmt):
+        if col in optional and (raw.get(name) is None or (isinstance(raw[name], str) and not raw[name].strip())):
+            values[col] = None
+            continue
         if name not in raw or raw[name] is None:
             return out, f"missing field '{name}'", f"missing:{name}"
         v = raw[name]
@@ -204,8 +213,9 @@ def iter_raw(data: Any, path: str, fmt: str, open_random=None) -> Iterator[tuple
 class RecordBuilder:
     """Accumulates normalized records into Arrow blocks."""
 
-    def __init__(self, role: str, fields: FieldMap, fmt: str, display: str, sid_prefix: str, fidx: int):
-        self.role, self.fields, self.fmt = role, fields, fmt
+    def __init__(self, role: str, fields: FieldMap, fmt: str, display: str, sid_prefix: str, fidx: int,
+                 optional: tuple[str, ...] = ()):
+        self.role, self.fields, self.fmt, self.optional = role, fields, fmt, optional
         self.display, self.sid_prefix, self.fidx = display, sid_prefix, fidx
         self.cols: dict[str, list] = {f.name: [] for f in RECORD_SCHEMA}
 
@@ -213,7 +223,7 @@ class RecordBuilder:
         if parse_error is not None:
             texts, err, reason = dict.fromkeys(TEXT_COLUMNS), parse_error, "bad_line"
         else:
-            texts, err, reason = normalize(raw, self.role, self.fields, self.fmt)
+            texts, err, reason = normalize(raw, self.role, self.fields, self.fmt, self.optional)
         c = self.cols
         c["fidx"].append(self.fidx)
         c["row"].append(row)
@@ -250,6 +260,7 @@ class SourceSpec:
     kind: str  # files | builtin | hf
     files: list[str] = field(default_factory=list)  # full URIs, sorted
     fmt: str = "auto"
+    optional: tuple[str, ...] = ()  # columns data.generate fills (may be missing here)
 
     @property
     def uri(self) -> str:
@@ -300,7 +311,7 @@ def file_records(spec: SourceSpec, fidx: int, f=None, open_random=None) -> Itera
     """The records of one file of a source, as Arrow blocks (the driver or a read task)."""
     uri = spec.files[fidx]
     fmt = detect_format(uri, spec.fmt)
-    builder = RecordBuilder(spec.role, spec.cfg.fields, spec.fmt, uri, spec.sid_prefix(fidx), fidx)
+    builder = RecordBuilder(spec.role, spec.cfg.fields, spec.fmt, uri, spec.sid_prefix(fidx), fidx, spec.optional)
     if f is None:
         fs, path = storage.pyarrow_fs(uri)
         if fs is None:
@@ -401,7 +412,7 @@ def builtin_records(spec: SourceSpec) -> pa.Table:
         raws = [asdict(t) for t in demo.safety_triples("train")]
     else:
         raws = [asdict(h) for h in demo.helpful_pairs("train")]
-    builder = RecordBuilder(spec.role, FieldMap(), "jsonl", BUILTIN_DEMO, spec.sid_prefix(0), 0)
+    builder = RecordBuilder(spec.role, FieldMap(), "jsonl", BUILTIN_DEMO, spec.sid_prefix(0), 0, spec.optional)
     for i, raw in enumerate(raws):
         builder.add(i, f"row {i + 1}", raw, None)
     return builder.flush()
@@ -435,7 +446,7 @@ def _hf_table(spec: SourceSpec) -> pa.Table:
 
 def _normalize_table(batch: pa.Table, spec: SourceSpec) -> pa.Table:
     rows = batch.to_pylist()
-    builder = RecordBuilder(spec.role, spec.cfg.fields, spec.fmt, spec.uri, spec.sid_prefix(0), 0)
+    builder = RecordBuilder(spec.role, spec.cfg.fields, spec.fmt, spec.uri, spec.sid_prefix(0), 0, spec.optional)
     for raw in rows:
         i = raw.pop("__row")
         builder.add(i, f"row {i + 1}", raw, None)

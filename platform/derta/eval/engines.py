@@ -229,6 +229,7 @@ class HFEngine:
         self.model = model.to(self.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.tokens_generated = 0  # new tokens (up to the stop token) over this engine's life
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         out: list[str | None] = [None] * len(requests)
@@ -273,6 +274,7 @@ class HFEngine:
         texts = []
         for row in new:
             cut = next((k for k, t in enumerate(row) if t in self.stop_ids), len(row))
+            self.tokens_generated += cut
             texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
         return texts
 
@@ -304,6 +306,7 @@ class VLLMEngine:
         kwargs.update(spec.extra)
         self.llm = LLM(**kwargs)
         self.stop_ids = stop_token_ids(self.tokenizer)
+        self.tokens_generated = 0
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         from vllm import SamplingParams
@@ -323,6 +326,7 @@ class VLLMEngine:
 
             lora = LoRARequest("derta-adapter", 1, self.adapter)
         outs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+        self.tokens_generated += sum(len(o.outputs[0].token_ids) for o in outs)
         return [o.outputs[0].text for o in outs]
 
 
@@ -372,11 +376,13 @@ class EngineUDF:
 
 def map_generate(ds: Any, spec: EngineSpec, num_actors: int = 1, batch_size: int = 16) -> Any:
     """ds (with a `request` column) -> ds with `response`, on an actor pool of engines."""
+    from ray.data import ActorPoolStrategy
+
     return ds.map_batches(
         EngineUDF,
         fn_constructor_kwargs={"spec": spec},
         batch_size=batch_size,
-        concurrency=num_actors,
+        compute=ActorPoolStrategy(size=num_actors),
         num_gpus=spec.num_gpus or None,
         num_cpus=1,
         batch_format="numpy",

@@ -120,27 +120,38 @@ def judge_rows(rows: list[dict[str, Any]], judge: Any, pattern: RefusalJudge | N
     return rows
 
 
+def _judge_records(batch: dict[str, Any], judge: Any, pattern: RefusalJudge) -> dict[str, Any]:
+    import numpy as np
+
+    rows = []
+    for meta, resp in zip(batch["row"], batch["response"]):
+        r = json.loads(str(meta))
+        r["response"] = str(resp)
+        rows.append(r)
+    judge_rows(rows, judge, pattern)
+    return {"key": np.array([r["key"] for r in rows], dtype=object),
+            "row": np.array([json.dumps(r) for r in rows], dtype=object)}
+
+
+def judge_batch_fn(batch: dict[str, Any], eval_cfg: dict[str, Any], cache_dir: str | None) -> dict[str, Any]:
+    """Ray Data stage for cheap judges (pattern, HTTP): a plain function, so Ray Data fuses it into
+    the engine actors' stage instead of starting more workers."""
+    from derta.config import EvalConfig
+
+    return _judge_records(batch, make_judge(EvalConfig.model_validate(eval_cfg), cache_dir=cache_dir), RefusalJudge())
+
+
 class JudgeUDF:
-    """Ray Data stage: rows with `row` (JSON metadata) + `response` -> `row` with verdicts."""
+    """Ray Data stage for the LLM judge: an actor holding the classifier engine."""
 
     def __init__(self, eval_cfg: dict[str, Any], cache_dir: str | None) -> None:
         from derta.config import EvalConfig
 
-        e = EvalConfig.model_validate(eval_cfg)
-        self.judge = make_judge(e, cache_dir=cache_dir)
+        self.judge = make_judge(EvalConfig.model_validate(eval_cfg), cache_dir=cache_dir)
         self.pattern = RefusalJudge()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
-        rows = []
-        for meta, resp in zip(batch["row"], batch["response"]):
-            r = json.loads(str(meta))
-            r["response"] = str(resp)
-            rows.append(r)
-        judge_rows(rows, self.judge, self.pattern)
-        return {"key": np.array([r["key"] for r in rows], dtype=object),
-                "row": np.array([json.dumps(r) for r in rows], dtype=object)}
+        return _judge_records(batch, self.judge, self.pattern)
 
 
 # --------------------------------------------------------------------------- partial file
@@ -205,11 +216,17 @@ def generate_and_judge(
     records = [{"key": it.key, "request": it.request.to_json(), "row": json.dumps(_item_row(it))} for it in items]
     ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records) // max(1, e.batch_size), 64)))
     ds = map_generate(ds, spec, num_actors=e.num_actors, batch_size=e.batch_size)
-    judge_gpus = 1.0 if (e.judge == "llm" and spec.use_gpu) else None
-    ds = ds.map_batches(
-        JudgeUDF, fn_constructor_kwargs={"eval_cfg": e.model_dump(mode="json"), "cache_dir": cache_dir},
-        batch_size=max(e.batch_size, 32), concurrency=1, num_cpus=0.5, num_gpus=judge_gpus, batch_format="numpy",
-    )
+    judge_kwargs = {"eval_cfg": e.model_dump(mode="json"), "cache_dir": cache_dir}
+    if e.judge == "llm":
+        from ray.data import ActorPoolStrategy
+
+        ds = ds.map_batches(
+            JudgeUDF, fn_constructor_kwargs=judge_kwargs, batch_size=e.batch_size, compute=ActorPoolStrategy(size=1),
+            num_cpus=1, num_gpus=1.0 if spec.use_gpu else None, batch_format="numpy",
+        )
+    else:
+        ds = ds.map_batches(judge_batch_fn, fn_kwargs=judge_kwargs, batch_size=e.batch_size, num_cpus=1,
+                            num_gpus=spec.num_gpus or None, batch_format="numpy")
     total, done, t0 = len(records), 0, time.monotonic()
     for batch in ds.iter_batches(batch_size=e.batch_size, batch_format="numpy"):
         rows = [json.loads(str(x)) for x in batch["row"]]
@@ -249,23 +266,26 @@ def alpaca_pass(cfg: ExperimentConfig, rows: list[dict[str, Any]], cache_dir: st
 
 
 def run_pair(cfg: ExperimentConfig, spec: EngineSpec, done: dict[str, Any], writer: PartialWriter) -> None:
+    """PAIR is a driver-side loop (attacker -> target -> judge, batched per round). On GPU the
+    target and attacker are EngineActors (each with its own GPUs); on CPU they are engines in this
+    process, which avoids starting more workers for a CPU-sized model."""
     from derta.eval.attacks import pair
+    from derta.eval.engines import RemoteEngine, make_engine
 
     questions = load_questions(cfg.eval.questions, cfg.eval.limit)
     todo = [q for q in questions if f"pair|{q.id}|" not in done]
     if not todo:
         return
-    import ray  # noqa: F401
-
-    target = engine_actor(spec)
     settings = pair.PairSettings.from_config(cfg)
-    attacker = target if settings.attacker_model in (None, spec.model) else engine_actor(
-        EngineSpec(**{**spec.__dict__, "model": settings.attacker_model})
-    )
-    from derta.eval.engines import RemoteEngine
-
+    att_spec = EngineSpec(**{**spec.__dict__, "model": settings.attacker_model or spec.model})
+    if spec.use_gpu:
+        target = RemoteEngine(engine_actor(spec))
+        attacker = target if att_spec.model == spec.model else RemoteEngine(engine_actor(att_spec))
+    else:
+        target = make_engine(spec)
+        attacker = target if att_spec.model == spec.model else make_engine(att_spec)
     judge = make_judge(cfg.eval, cache_dir=None)
-    rows = pair.run(todo, cfg.eval, RemoteEngine(target), RemoteEngine(attacker), judge, settings)
+    rows = pair.run(todo, cfg.eval, target, attacker, judge, settings)
     judge_rows(rows, judge, RefusalJudge())
     writer.add(rows)
 

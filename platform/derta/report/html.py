@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
 from derta import storage
-from derta.config import ExperimentConfig
+from derta.config import ExperimentConfig, redact_text
 from derta.paths import RunPaths
 from derta.report import plots
 from derta.report.data import (
@@ -101,15 +101,18 @@ def pick_examples(generations: Sequence[dict[str, Any]], n: int = 8) -> list[dic
     rows = safety_rows(generations)
     late = [g for g in rows if g.get("refusal_pos") is not None and ((g.get("refusal_pos") or 0) > 0 or (g.get("k") or 0) > 0)]
     late.sort(key=lambda g: (-(g.get("k") or 0), -(g.get("refusal_pos") or 0)))
-    unsafe = [g for g in rows if g.get("unsafe") and g not in late]
-    early = [g for g in rows if g.get("refusal_pos") == 0 and not (g.get("k") or 0) and g not in unsafe]
+    in_late = {id(g) for g in late}
+    unsafe = [g for g in rows if g.get("unsafe") and id(g) not in in_late]
+    early = [g for g in rows if g.get("refusal_pos") == 0 and not (g.get("k") or 0) and not g.get("unsafe")]
     taken = {id(g) for g in late + unsafe + early}
     rest = [g for g in rows if id(g) not in taken]
-    rest += [g for g in generations if g.get("kind", "safety") != "safety"][:2]  # a helpfulness answer or two
+    helpful = [g for g in generations if g.get("kind", "safety") != "safety"]
+    helpful.sort(key=lambda g: not g.get("refused"))  # an over-refusal says more than a good answer
+    n_safety = n - 1 if helpful else n
     out: list[dict[str, Any]] = []
     queues = [late, unsafe, early, rest]
     seen_q: set[tuple[Any, Any]] = set()
-    while len(out) < n and any(queues):
+    while len(out) < n_safety and any(queues):
         for q in queues:
             while q:
                 g = q.pop(0)
@@ -119,9 +122,9 @@ def pick_examples(generations: Sequence[dict[str, Any]], n: int = 8) -> list[dic
                 seen_q.add(key)
                 out.append(g)
                 break
-            if len(out) >= n:
+            if len(out) >= n_safety:
                 break
-    return out
+    return out + helpful[: n - len(out)]
 
 
 def _example(g: dict[str, Any]) -> str:
@@ -135,7 +138,7 @@ def _example(g: dict[str, Any]) -> str:
         meta.append(f"<span class='badge {'bad' if unsafe else 'good'}'>{'UNSAFE' if unsafe else 'safe'}</span>")
         meta.append(f"refusal at position {int(pos)}" if pos is not None else "no refusal")
     else:  # a helpfulness benchmark answer: a refusal here is over-refusal
-        meta.append(f"helpfulness ({html.escape(str(g.get('kind')))})")
+        meta.append("helpfulness")
         if isinstance(g.get("score"), (int, float)):
             meta.append(f"score {float(g['score']):.2f}")
         if g.get("refused"):
@@ -200,7 +203,7 @@ def _run_link(r: RunData, tracker: Tracker | None) -> str:
     if not r.run_id:
         return "&ndash;"
     text = f"<code>{html.escape(r.run_id[:12])}</code>"
-    uri = tracker.tracking_uri if tracker is not None else ""
+    uri = redact_text(tracker.tracking_uri) if tracker is not None else ""
     if tracker is not None and uri.startswith(("http://", "https://")):
         try:
             href = f"{uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{r.run_id}"
@@ -284,7 +287,7 @@ def render(runs: Sequence[RunData], title: str, *, focus: str | None = None, con
     nav = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in titles.items())
     sections = "".join(f'<section id="{a}"><h2>{html.escape(titles[a])}</h2>{bodies[a]}</section>' for a in titles)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    where = html.escape(tracker.tracking_uri if tracker is not None and tracker.enabled else "MLflow off")
+    where = html.escape(redact_text(tracker.tracking_uri) if tracker is not None and tracker.enabled else "MLflow off")
     sub = f"{len(runs)} run{'s' if len(runs) != 1 else ''} · generated {stamp} · MLflow: {where}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">

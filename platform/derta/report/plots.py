@@ -42,9 +42,9 @@ def _figure(width: float = 7.5, height: float = 3.6, **kw: Any):
     return _plt().subplots(figsize=(width, height), **kw)
 
 
-def png_uri(fig) -> str:
+def png_uri(fig, tight: bool = True) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight" if tight else None)
     _plt().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
@@ -133,7 +133,7 @@ def asr_by_k(runs: Sequence[RunData]) -> str | None:
 def safety_vs_helpfulness(runs: Sequence[RunData], focus: str | None = None) -> str | None:
     """One point per run: helpfulness (mean benchmark score) against safety (100 - mean ASR)."""
     pts = []
-    for i, r in enumerate(runs):
+    for r in runs:
         a, h = asr_mean(r.metrics), helpfulness_mean(r.metrics)
         if a is not None and h is not None:
             pts.append((r, h, 100.0 - a))
@@ -214,5 +214,5 @@ def training_curves(runs: Sequence[RunData]) -> str | None:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="#999")
         elif drawn > 1:
             ax.legend(fontsize=7, frameon=False)
-    fig.tight_layout()
-    return png_uri(fig)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.08, top=0.95, hspace=0.38, wspace=0.18)  # cheaper than tight
+    return png_uri(fig, tight=False)

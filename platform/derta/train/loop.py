@@ -277,7 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sums = torch.zeros(4, dtype=torch.float64, device=device)
             for i, (b, t) in enumerate(zip(micro, targets)):
                 ref = None
-                if stage["transition"] == "pref" and t.n_rto:
+                if stage["transition"] == "pref":  # on every rank, even with no pref positions: FSDP collectives
                     with torch.no_grad():
                         ref = (ref_objective or model)(b, t, refusal_id, tc.loss.chunk_size, reference=True)
                 sync = mode != "ddp" or i == len(micro) - 1

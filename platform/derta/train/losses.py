@@ -146,14 +146,14 @@ def position_logprobs(
     scale, cap = _logit_transform(config) if config is not None else (None, None)
     weight, bias = head.weight, getattr(head, "bias", None)
     outs = []
-    for start in range(0, hidden.shape[0], chunk_size):
+    # At least one (possibly empty) chunk: the result stays connected to the head weight, so
+    # every rank produces a (zero) gradient for it and FSDP's reduce-scatter stays in step.
+    for start in range(0, max(1, hidden.shape[0]), chunk_size):
         h, c = hidden[start : start + chunk_size], cols[start : start + chunk_size]
         if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             outs.append(checkpoint(_chunk_logprobs, h, weight, bias, c, scale, cap, use_reentrant=False))
         else:
             outs.append(_chunk_logprobs(h, weight, bias, c, scale, cap))
-    if not outs:
-        return hidden.new_zeros((0, cols.shape[1]), dtype=torch.float32)
     return torch.cat(outs)
 
 
@@ -274,7 +274,7 @@ def derta_loss(
     t = targets or build_targets(batch, rto_keep=rto_keep, seed=seed, use_rto=transition != "none")
     logps = chunked_logprobs(lm, batch, t, refusal_id, chunk_size)
     ref = None
-    if transition == "pref" and t.n_rto:
+    if transition == "pref":
         ref = reference_logprobs(ref_lm if ref_lm is not None else lm, batch, t, refusal_id, chunk_size)
     return combine(logps, t, transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, ref_logps=ref, denom=denom)
 
