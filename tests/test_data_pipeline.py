@@ -54,6 +54,8 @@ def test_demo_build_and_training_rows(ray_local, tiny_model_dir, tmp_path):
     assert m.tokens["rto_positions"] == sum(sum(r["rto_mask"]) for r in rows)
     assert m.tokens["trained"] == sum(sum(x != -100 for x in r["labels"]) for r in rows)
     assert sum(m.prefix_hist.values()) == m.counts["prefix"] and m.prefix_hist["0"] > 0
+    metrics = m.metrics()
+    assert metrics["data.samples.rto"] == m.counts["rto"] and metrics["data.tokens.total"] == m.tokens["total"]
 
     ds = pipeline.training_dataset(cfg, paths)
     train = ds.take_all()
@@ -130,6 +132,12 @@ def test_public_format(ray_local, tiny_model_dir, tmp_path):
     harm = tok.decode([x for x, mk in zip(rto["input_ids"], rto["rto_mask"]) if mk])
     assert harm == " Tips for stealing a zorblax:\n- Go when it is busy.\n- Hide it in a bag."
     assert np.all(np.array(rto["labels"]) == -100)
+    # no manifest: training rows stream straight from the sources (same samples, nothing written)
+    streamed = pipeline.training_dataset(cfg, RunPaths(str(tmp_path), "not-built"), shuffle=False).take_all()
+    assert sum(int(r["rto_mask"].sum()) for r in streamed) == m.tokens["rto_positions"]
+    assert sum(int((r["labels"] != -100).sum()) for r in streamed) == m.tokens["trained"]
+    assert not storage.exists(str(tmp_path / "not-built"))
+
     plan = pipeline.make_plan(_cfg(tiny_model_dir, tmp_path, prebuilt={"uri": str(src)}, mix={"preset": "derta_pref"}))
     from derta.data.sources import read_records_local
 

@@ -169,3 +169,64 @@ def test_public_bad_rows(tmp_path):
 def test_strip_eos():
     assert S.strip_eos(" hi there<|end_of_text|>") == " hi there"
     assert S.strip_eos("a</s>\n") == "a"
+
+
+def test_optional_columns_for_generation():
+    texts, err, _ = S.normalize({"query": "q", "safe": "", "harmful": "h"}, "safety", FieldMap(), "jsonl", ("safe",))
+    assert err is None and texts["safe"] is None and texts["harmful"] == "h"
+    texts, err, _ = S.normalize({"query": "q", "harmful": "h"}, "safety", FieldMap(), "jsonl", ("safe",))
+    assert err is None and texts["safe"] is None
+    _, err, _ = S.normalize({"query": "q", "safe": 3, "harmful": "h"}, "safety", FieldMap(), "jsonl", ("safe",))
+    assert err == "field 'safe' is not a string (got int)"
+    _, err, _ = S.normalize({"query": "", "safe": "", "harmful": "h"}, "safety", FieldMap(), "jsonl", ("safe",))
+    assert err == "field 'query' is empty"
+
+
+def test_compressed_jsonl(tmp_path):
+    import gzip
+
+    p = tmp_path / "s.jsonl.gz"
+    p.write_bytes(gzip.compress((json.dumps(TRIPLE) + "\n" + json.dumps({**TRIPLE, "safe": ""}) + "\n").encode()))
+    rows = _read(p)
+    assert rows[0]["error"] is None and rows[1]["error"] == f"{p}:2: field 'safe' is empty"
+
+
+def test_hf_dataset_by_name_and_saved_dir(monkeypatch, tmp_path):
+    """The hf: path with a stand-in `datasets` module (the real one is an optional extra)."""
+    import types
+
+    table = pa.table({"prompt": ["q1", "q2"], "answer": ["a1", ""]})
+
+    class FakeDataset:  # ds.with_format("arrow")[:] -> pyarrow.Table, as in `datasets`
+        def with_format(self, fmt):
+            assert fmt == "arrow"
+            return self
+
+        def __getitem__(self, item):
+            assert item == slice(None)
+            return table
+
+        def __len__(self):
+            return table.num_rows
+
+    class DatasetDict(dict):
+        pass
+
+    calls = []
+    fake = types.SimpleNamespace(
+        DatasetDict=DatasetDict,
+        load_dataset=lambda name, split: calls.append((name, split)) or FakeDataset(),
+        load_from_disk=lambda path: DatasetDict(train=FakeDataset()),
+    )
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    fields = FieldMap(query="prompt", response="answer")
+    rows = S.read_records_local(S.resolve(SourceConfig(uri="hf:org/helpful", fields=fields, split="train[:2]"), "helpful")).to_pylist()
+    assert calls == [("org/helpful", "train[:2]")]
+    assert rows[0]["query"] == "q1" and rows[0]["response"] == "a1" and rows[0]["source_id"] == "helpful:0"
+    assert rows[1]["error"] == "hf:org/helpful:row 2: field 'answer' is empty"
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    rows = S.read_records_local(S.resolve(SourceConfig(uri=f"hf:{saved}", fields=fields), "helpful")).to_pylist()
+    assert len(rows) == 2
+    with pytest.raises(ConfigError, match="'test' not in"):
+        S.read_records_local(S.resolve(SourceConfig(uri=f"hf:{saved}", fields=fields, split="test"), "helpful"))

@@ -37,7 +37,7 @@ def _requests(n_new: int = 12) -> list[GenRequest]:
 
 
 def test_batched_left_padded_equals_unbatched_greedy(engine):
-    reqs = _requests()
+    reqs = _requests(8)
     batched = engine.generate(reqs)
     single = [engine.generate([r])[0] for r in reqs]
     assert batched == single

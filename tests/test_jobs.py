@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -258,25 +259,31 @@ class Head:
             pass
 
 
-def _rest(url: str, path: str):
-    """The Jobs REST API (what the SDK and the CLI call), from this process without Ray state."""
-    with urllib.request.urlopen(url + path, timeout=10) as r:
+def _rest(url: str, path: str, method: str = "GET"):
+    """The Jobs REST API (what the SDK and the CLI call), from this process without Ray state,
+    with the head's token (RAY_AUTH_TOKEN of the head fixture)."""
+    req = urllib.request.Request(url + path, method=method, headers={"Authorization": f"Bearer {_TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
+
+
+_TOKEN = secrets.token_hex(32)
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     """A real Ray head with the dashboard on 127.0.0.1; yields (dashboard URL, client env).
 
-    Its own --temp-dir (so `ray.init()` elsewhere never finds it), its own ports, token auth
-    off on loopback: a token in ~/.ray from other local clusters must not decide who may talk
-    to it (the head and every client get RAY_AUTH_MODE explicitly).
+    Its own --temp-dir (so `ray.init()` elsewhere never finds it), its own ports, and token
+    authentication (Ray 2.60's default once ~/.ray/auth_token exists) with its own token, given
+    to the head and to every client explicitly, so ~/.ray never decides who may talk to it.
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's unix socket paths
     cache = tmp_path_factory.mktemp("derta_cache")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "PYTHONPATH") and not k.startswith("RAY_AUTH_")}
-    env.update(DERTA_CACHE=str(cache), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", RAY_AUTH_MODE="disabled")
+    env.update(DERTA_CACHE=str(cache), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_TOKEN)
     head = Head(temp_dir, env)
     try:
         head.wait_ready()
@@ -351,7 +358,7 @@ def test_ray_job_submit_runs_the_demo_job(ray_head, tmp_path):
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     except subprocess.TimeoutExpired:
-        urllib.request.urlopen(urllib.request.Request(f"{url}/api/jobs/{job_id}/stop", method="POST"), timeout=10)
+        _rest(url, f"/api/jobs/{job_id}/stop", method="POST")
         raise
     status, logs = _wait(url, job_id, 10)
     assert proc.returncode == 0 and status == "SUCCEEDED", (proc.stdout[-3000:] + proc.stderr[-2000:] + logs[-3000:])

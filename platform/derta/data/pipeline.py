@@ -19,322 +19,34 @@ into fixed-length rows (tokenize.pack_rows) inside map_batches.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 
 from derta import storage
 from derta.config import ConfigError, ExperimentConfig
-from derta.data import mix as M
 from derta.data import prefix as P
 from derta.data import sources as S
-from derta.data.transitions import KINDS, RTO_KINDS, Sample
-
-MANIFEST_VERSION = 1
-SAMPLE_SCHEMA = pa.schema(
-    [
-        ("kind", pa.string()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("rto_mask", pa.list_(pa.bool_())),
-        ("prefix_len", pa.int32()),
-        ("source_id", pa.string()),
-    ]
+from derta.data.manifest import (
+    SAMPLE_COLUMNS,
+    DataManifest,
+    _merge_stats,
+    _sample_table,
+    _sink_cls,
+    data_fingerprint,
+    read_manifest,
 )
-SAMPLE_COLUMNS = tuple(SAMPLE_SCHEMA.names)
-_MARK_SKIP, _MARK_TRIM = "_skip", "_trim"  # marker rows: counted by the sink, never written
-HOLDOUT_SALT = "holdout"  # held-out split does not depend on data.seed (stable across trials)
-ROWS_PER_SHARD = 50_000
+from derta.data.plan import HOLDOUT_SALT, Plan, RolePlan, _union, make_plan
+from derta.data.transitions import KINDS
+
 PACK_BATCH = 2048
 
 
-# --------------------------------------------------------------------------- manifest
-@dataclass
-class DataManifest:
-    """What a build produced (also manifest.json next to the shards)."""
-
-    fingerprint: str
-    build_id: str
-    created: float
-    preset: str
-    template: str
-    tokenizer: str
-    max_len: int
-    seed: int
-    num_samples: int
-    counts: dict[str, int]
-    skipped: dict[str, int]
-    trimmed: dict[str, int]
-    heldout: int
-    tokens: dict[str, Any]
-    prefix_hist: dict[str, int]
-    sources: dict[str, Any]
-    mix: dict[str, Any]
-    shards: list[str]
-    heldout_uri: str | None
-    pad_id: int | None = None
-    warnings: list[str] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-    version: int = MANIFEST_VERSION
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def metrics(self) -> dict[str, float]:
-        """Flat numbers for MLflow (data.samples, data.samples.rto, data.tokens.trained, ...)."""
-        out: dict[str, float] = {
-            "data.samples": self.num_samples,
-            "data.heldout": self.heldout,
-            "data.skipped": sum(self.skipped.values()),
-            "data.trimmed": sum(self.trimmed.values()),
-        }
-        out.update({f"data.samples.{k}": v for k, v in self.counts.items()})
-        for key in ("total", "trained", "rto_positions", "mean_len", "max_len", "build_seconds"):
-            if key in self.tokens:
-                out[f"data.tokens.{key}"] = self.tokens[key]
-        out.update({f"data.skipped.{_metric_key(k)}": v for k, v in self.skipped.items()})
-        return {k: float(v) for k, v in out.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataManifest":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _metric_key(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-." else "_" for c in text)
-
-
-def data_fingerprint(cfg: ExperimentConfig) -> str:
-    """Hash of everything that decides the samples (packing is applied when reading)."""
-    data = cfg.data.model_dump(mode="json")
-    data.pop("packing", None)
-    key = {
-        "data": data,
-        "tokenizer": [cfg.model.name_or_path, cfg.model.revision],
-        "method": cfg.train.method if cfg.data.mix.preset == "auto" else None,
-        "version": MANIFEST_VERSION,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_manifest(paths) -> DataManifest | None:
-    if not storage.exists_file(paths.manifest):
-        return None
-    return DataManifest.from_dict(storage.read_json(paths.manifest))
-
-
-# --------------------------------------------------------------------------- plan (pass 1)
-@dataclass
-class RolePlan:
-    """What the build pass needs to know about one source (small; shipped to the actors)."""
-
-    role: str
-    seed: int
-    holdout: float
-    limit_key: tuple[int, int] | None  # last (fidx, row) kept, None = no limit
-    sorted_u: np.ndarray  # u of the eligible rows, sorted (for ranks)
-    kinds: M.KindPlan | None
-    derta_pref: bool = False
-    safety_qhash: np.ndarray | None = None  # prebuilt: queries seen in rto/prefix rows
-
-    def select(self, rows: list[dict]) -> list[dict]:
-        """Records (with kinds) for the rows of one batch that make samples."""
-        keep = []
-        for r in rows:
-            if r["error"] is not None:
-                continue
-            if self.limit_key is not None and (r["fidx"], r["row"]) > self.limit_key:
-                continue
-            if self.role == "safety" and P.row_uniform("", r["source_id"], HOLDOUT_SALT) < self.holdout:
-                continue
-            keep.append(r)
-        if self.role == "prebuilt":
-            return [self._prebuilt(r) for r in keep]
-        if not keep or self.kinds is None:
-            return []
-        u = np.array([P.row_uniform(self.seed, r["source_id"], "mix") for r in keep])
-        out = []
-        for r, rank in zip(keep, M.ranks(self.sorted_u, u)):
-            kinds = self.kinds.kinds_at(int(rank))
-            if kinds:
-                out.append({**r, "kinds": kinds})
-        return out
-
-    def _safety_queries(self) -> set[int]:
-        if not hasattr(self, "_qset"):
-            self._qset = set(self.safety_qhash.tolist()) if self.safety_qhash is not None else set()
-        return self._qset
-
-    def _prebuilt(self, r: dict) -> dict:
-        if r["pkind"] == "rto":
-            return {**r, "kinds": ["pref" if self.derta_pref else "rto"]}
-        if r["pkind"] == "prefix" or _qhash(r["query"]) in self._safety_queries():
-            return {**r, "kinds": ["prefix"], "prefix_all": True}
-        return {**r, "kinds": ["helpful"]}
-
-
-def _qhash(q: str) -> int:
-    return int.from_bytes(hashlib.sha256(q.strip().encode()).digest()[:8], "big", signed=True)
-
-
-def _scan_batch(batch: pa.Table, seed: int, holdout: float) -> pa.Table:
-    rows = batch.select(["source_id", "pkind", "query", "safe", "harmful"]).to_pylist()
-    u_mix, u_hold, qh = [], [], []
-    held_q, held_s, held_h = [], [], []
-    for r in rows:
-        sid = r["source_id"]
-        role = sid.split(":", 1)[0]
-        u_mix.append(P.row_uniform(seed, sid, "mix"))
-        uh = P.row_uniform("", sid, HOLDOUT_SALT) if role == "safety" else 1.0
-        u_hold.append(uh)
-        hold = uh < holdout
-        held_q.append(r["query"] if hold else None)
-        held_s.append(r["safe"] if hold else None)
-        held_h.append(r["harmful"] if hold else None)
-        qh.append(_qhash(r["query"]) if role == "prebuilt" and r["pkind"] in ("rto", "prefix") and r["query"] else 0)
-    return pa.table(
-        {
-            "fidx": batch["fidx"], "row": batch["row"], "error": batch["error"], "reason": batch["reason"],
-            "source_id": batch["source_id"], "u_mix": pa.array(u_mix, pa.float64()),
-            "u_hold": pa.array(u_hold, pa.float64()), "qhash": pa.array(qh, pa.int64()),
-            "query": pa.array(held_q, pa.string()), "safe": pa.array(held_s, pa.string()),
-            "harmful": pa.array(held_h, pa.string()),
-        }
-    )  # fmt: skip
-
-
-def _scan(specs: list[S.SourceSpec], seed: int, holdout: float) -> dict[str, pa.Table]:
-    """One streaming pass over all sources; the small per-row table of each role, in file order."""
-    import ray
-
-    ds = _union([S.read_records(spec) for spec in specs])
-    ds = ds.map_batches(_scan_batch, batch_format="pyarrow", fn_kwargs={"seed": seed, "holdout": holdout})
-    tables = [t for t in ray.get(list(ds.to_arrow_refs())) if t.num_rows]
-    table = pa.concat_tables(tables) if tables else _scan_batch(S.RECORD_SCHEMA.empty_table(), seed, holdout)
-    roles = np.array([sid.split(":", 1)[0] for sid in table["source_id"].to_pylist()], dtype=object)
-    out = {}
-    for spec in specs:
-        sub = table.filter(pa.array(roles == spec.role)) if len(roles) else table
-        order = np.lexsort((sub["row"].to_numpy(), sub["fidx"].to_numpy()))
-        out[spec.role] = sub.take(pa.array(order, pa.int64()))
-    return out
-
-
-def _union(datasets: list):
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-
-
-@dataclass
-class Plan:
-    preset: str
-    amounts: dict[str, Any]
-    specs: list[S.SourceSpec]
-    roles: dict[str, RolePlan]
-    skipped: Counter
-    heldout_rows: list[dict]
-    sources: dict[str, Any]
-    warnings: list[str]
-
-
-def _active_sources(cfg: ExperimentConfig) -> list[tuple[str, Any]]:
-    """prebuilt rows replace the safety/helpful sources (they are complete training sets)."""
-    d = cfg.data
-    if d.prebuilt is not None:
-        return [("prebuilt", d.prebuilt)]
-    out = [("safety", d.safety)]
-    if d.helpful is not None:
-        out.append(("helpful", d.helpful))
-    return out
-
-
-def make_plan(cfg: ExperimentConfig) -> Plan:
-    """Pass 1: scan every source (Ray Data), validate, split, and fix the mix."""
-    import ray
-
-    d = cfg.data
-    preset, amounts = M.resolve_mix(d.mix, cfg.train.method)
-    specs = [S.resolve(src, role) for role, src in _active_sources(cfg)]
-    skipped: Counter = Counter()
-    roles: dict[str, RolePlan] = {}
-    heldout_rows: list[dict] = []
-    sources: dict[str, Any] = {}
-    warnings: list[str] = []
-    scanned = _scan(specs, d.seed, d.holdout)
-    for spec in specs:
-        holdout = d.holdout if spec.role == "safety" else 0.0
-        table = scanned[spec.role]
-        limit_key = None
-        if spec.cfg.limit is not None and table.num_rows > spec.cfg.limit:
-            table = table.slice(0, spec.cfg.limit)
-            limit_key = (int(table["fidx"][-1].as_py()), int(table["row"][-1].as_py()))
-        errors = table["error"].to_pylist()
-        bad = [i for i, e in enumerate(errors) if e is not None]
-        if bad and d.on_bad_row == "error":
-            more = f" ({len(bad) - 1} more bad rows; data.on_bad_row=skip skips and counts them)" if len(bad) > 1 else ""
-            raise ConfigError(errors[bad[0]] + more)
-        reasons = table["reason"].to_pylist()
-        for i in bad:
-            skipped[f"{spec.role}:{reasons[i]}"] += 1
-        ok = np.array([e is None for e in errors], dtype=bool)
-        n_ok = int(ok.sum())
-        if n_ok == 0:
-            what = f"all {len(errors)} rows are bad" if errors else "no rows"
-            raise ConfigError(f"data.{spec.role}.uri: {spec.uri}: {what}")
-        held = ok & (table["u_hold"].to_numpy() < holdout)
-        if held.any():
-            sub = table.filter(pa.array(held)).select(["source_id", "query", "safe", "harmful"]).to_pylist()
-            heldout_rows.extend({"query": r["query"], "safe": r["safe"], "harmful": r["harmful"], "source_id": r["source_id"]} for r in sub)
-        eligible = ok & ~held
-        sorted_u = np.sort(table["u_mix"].to_numpy()[eligible])
-        n_el = len(sorted_u)
-        kinds_plan = None
-        if spec.role == "safety":
-            kinds_plan = M.plan_kinds(amounts, M.SAFETY_ORDER, n_el)
-        elif spec.role == "helpful":
-            kinds_plan = M.plan_kinds(amounts, ("helpful",), n_el)
-        if kinds_plan is not None:
-            warnings.extend(f"{w} ({spec.role} source {spec.uri})" for w in kinds_plan.warnings)
-        qhash = None
-        if spec.role == "prebuilt":
-            qh = table["qhash"].to_numpy()[ok]
-            qhash = np.unique(qh[qh != 0])
-        roles[spec.role] = RolePlan(
-            role=spec.role, seed=d.seed, holdout=holdout, limit_key=limit_key, sorted_u=sorted_u,
-            kinds=kinds_plan, derta_pref=preset == "derta_pref", safety_qhash=qhash,
-        )  # fmt: skip
-        sources[spec.role] = {
-            "uri": spec.uri, "format": spec.fmt, "files": spec.files, "rows": len(errors),
-            "valid": n_ok, "bad": len(bad), "heldout": int(held.sum()), "eligible": n_el,
-            "kinds": kinds_plan.counts() if kinds_plan else None,
-        }  # fmt: skip
-    return Plan(preset, amounts, specs, roles, skipped, heldout_rows, sources, warnings)
-
-
 # --------------------------------------------------------------------------- build (pass 2)
-def _sample_table(samples: list[Sample], skips: Counter) -> pa.Table:
-    cols: dict[str, list] = {name: [] for name in SAMPLE_COLUMNS}
-    for s in samples:
-        row = s.row()
-        for k in SAMPLE_COLUMNS:
-            cols[k].append(row[k])
-        if s.trimmed:  # a marker row after the sample: counted by the sink, not written
-            for k, v in zip(SAMPLE_COLUMNS, (_MARK_TRIM, [], [], [], 1, s.kind)):
-                cols[k].append(v)
-    for reason, n in skips.items():
-        for k, v in zip(SAMPLE_COLUMNS, (_MARK_SKIP, [], [], [], n, reason)):
-            cols[k].append(v)
-    return pa.Table.from_pydict(cols, schema=SAMPLE_SCHEMA)
-
-
 class BuildSamples:
     """Ray Data callable class: records -> samples (+ marker rows). One tokenizer per actor."""
 
@@ -408,105 +120,6 @@ def _only_kinds(batch: pa.Table, kinds: tuple[str, ...]) -> pa.Table:
     import pyarrow.compute as pc
 
     return batch.filter(pc.is_in(batch["kind"], value_set=pa.array(list(kinds), pa.string())))
-
-
-# --------------------------------------------------------------------------- writing
-def _shard_stats(table: pa.Table) -> dict[str, Any]:
-    kinds = table["kind"].to_pylist()
-    n_marker = table["prefix_len"].to_pylist()
-    sids = table["source_id"].to_pylist()
-    per_kind: dict[str, dict[str, int]] = {}
-    skipped: Counter = Counter()
-    trimmed: Counter = Counter()
-    prefix_lens: list[int] = []
-    max_len = 0
-    keep = []
-    ids_col, lab_col, mask_col = table["input_ids"], table["labels"], table["rto_mask"]
-    for i, kind in enumerate(kinds):
-        if kind == _MARK_SKIP:
-            skipped[sids[i]] += n_marker[i]
-            continue
-        if kind == _MARK_TRIM:
-            trimmed[sids[i]] += 1
-            continue
-        keep.append(i)
-        n = len(ids_col[i])
-        labels = np.asarray(lab_col[i].values)
-        mask = np.asarray(mask_col[i].values)
-        st = per_kind.setdefault(kind, {"samples": 0, "tokens": 0, "trained": 0, "rto_positions": 0})
-        st["samples"] += 1
-        st["tokens"] += n
-        st["trained"] += int((labels != -100).sum())
-        st["rto_positions"] += int(mask.sum())
-        max_len = max(max_len, n)
-        if kind == "prefix":
-            prefix_lens.append(n_marker[i])
-    return {
-        "keep": keep, "per_kind": per_kind, "skipped": dict(skipped), "trimmed": dict(trimmed),
-        "prefix_hist": P.histogram(prefix_lens), "max_len": max_len,
-    }  # fmt: skip
-
-
-def _sink_cls():
-    from ray.data import Datasink
-
-    class SampleSink(Datasink):
-        """Writes each task's samples as one Parquet shard and returns its statistics."""
-
-        def __init__(self, shard_dir: str):
-            self.shard_dir = shard_dir
-            self.fs, self.fs_dir = S.task_fs(shard_dir)  # built in the driver, used by the tasks
-            self.results: list[dict] = []
-            storage.makedirs(shard_dir)
-
-        @property
-        def min_rows_per_write(self) -> int:
-            return ROWS_PER_SHARD
-
-        def write(self, blocks, ctx) -> dict:
-            import pyarrow.parquet as pq
-
-            tables = [pa.Table.from_batches(b.to_batches(), schema=SAMPLE_SCHEMA) if isinstance(b, pa.Table) else pa.Table.from_pandas(b, schema=SAMPLE_SCHEMA) for b in blocks]
-            table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
-            stats = _shard_stats(table)
-            keep = stats.pop("keep")
-            stats["shard"] = None
-            stats["rows"] = len(keep)
-            if keep:
-                name = f"part-{ctx.task_idx:05d}-{uuid.uuid4().hex[:8]}.parquet"
-                path = f"{self.fs_dir.rstrip('/')}/{name}"
-                pq.write_table(table.take(pa.array(keep)), path, filesystem=self.fs, compression="zstd")
-                stats["shard"] = f"{os.path.basename(self.shard_dir.rstrip('/'))}/{name}"
-            return stats
-
-        def on_write_complete(self, write_result) -> None:
-            self.results = list(write_result.write_returns)
-
-        def on_write_failed(self, error: Exception) -> None:
-            try:
-                storage.delete(self.shard_dir)
-            except Exception:  # noqa: BLE001 - best effort; the error that matters is `error`
-                pass
-
-    return SampleSink
-
-
-def _merge_stats(results: list[dict]) -> dict[str, Any]:
-    per_kind: dict[str, dict[str, int]] = {}
-    skipped: Counter = Counter()
-    trimmed: Counter = Counter()
-    hist: Counter = Counter()
-    max_len = 0
-    for r in results:
-        for kind, st in r["per_kind"].items():
-            acc = per_kind.setdefault(kind, dict.fromkeys(st, 0))
-            for k, v in st.items():
-                acc[k] += v
-        skipped.update(r["skipped"])
-        trimmed.update(r["trimmed"])
-        hist.update(r["prefix_hist"])
-        max_len = max(max_len, r["max_len"])
-    return {"per_kind": per_kind, "skipped": skipped, "trimmed": trimmed, "hist": hist, "max_len": max_len}
 
 
 def build(cfg: ExperimentConfig, paths) -> DataManifest:
@@ -687,6 +300,6 @@ def training_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str,
 
 
 __all__ = [
-    "DataManifest", "build", "build_stream", "training_dataset", "samples_dataset", "read_manifest",
-    "data_fingerprint", "make_plan", "RTO_KINDS",
+    "DataManifest", "Plan", "RolePlan", "HOLDOUT_SALT", "build", "build_stream", "training_dataset",
+    "samples_dataset", "read_manifest", "data_fingerprint", "make_plan", "shard_uris", "check_template",
 ]  # fmt: skip

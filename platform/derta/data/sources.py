@@ -150,11 +150,23 @@ def normalize(
 
 
 # --------------------------------------------------------------------------- raw rows of a file
+COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
+
+
+def _strip_compression(path: str) -> str:
+    low = path.lower()
+    for ext in COMPRESSED:
+        if low.endswith(ext):
+            return low[: -len(ext)]
+    return low
+
+
 def detect_format(path: str, fmt: str) -> str:
+    """jsonl | jsonl_or_json | csv | parquet for one file (compressed text files allowed)."""
     if fmt not in ("auto",):
         return "jsonl_or_json" if fmt == "derta_public" else fmt
     for ext, name in EXTENSIONS.items():
-        if path.lower().endswith(ext):
+        if _strip_compression(path).endswith(ext):
             return "jsonl_or_json" if name == "json" else name
     raise ConfigError(f"{path}: cannot tell the format from the extension; set format (jsonl, json, parquet, csv)")
 
@@ -186,8 +198,9 @@ def iter_raw(data: Any, path: str, fmt: str, open_random=None) -> Iterator[tuple
         except (csv.Error, UnicodeDecodeError) as e:
             yield i, str(start), None, f"unreadable CSV: {e}"
         return
-    buf = data.read()
-    if fmt in ("json", "jsonl_or_json") and buf.lstrip()[:1] == b"[":
+    head = data.read(1 << 16)
+    if fmt in ("json", "jsonl_or_json") and head.lstrip()[:1] == b"[":
+        buf = head + data.read()  # a JSON array is parsed whole
         try:
             items = json.loads(buf)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -197,7 +210,7 @@ def iter_raw(data: Any, path: str, fmt: str, open_random=None) -> Iterator[tuple
             yield i, f"item {i}", raw, None
         return
     i = 0
-    for lineno, line in enumerate(buf.split(b"\n"), start=1):
+    for lineno, line in enumerate(_lines(head, data), start=1):
         if not line.strip():
             continue
         try:
@@ -207,6 +220,19 @@ def iter_raw(data: Any, path: str, fmt: str, open_random=None) -> Iterator[tuple
         else:
             yield i, str(lineno), raw, None
         i += 1
+
+
+def _lines(head: bytes, data: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of a binary stream, read in chunks (a JSONL file is never held whole)."""
+    pending = head
+    while True:
+        more = data.read(chunk)
+        if not more:
+            break
+        pending += more
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    yield from pending.split(b"\n")
 
 
 # --------------------------------------------------------------------------- records
@@ -296,7 +322,7 @@ def resolve(src: SourceConfig, role: str) -> SourceSpec:
     if found != [uri]:  # a directory / prefix: only data files, no hidden or _SUCCESS files
         found = [
             f for f in found
-            if any(f.lower().endswith(e) for e in EXTENSIONS) and not os.path.basename(f).startswith((".", "_"))
+            if any(_strip_compression(f).endswith(e) for e in EXTENSIONS) and not os.path.basename(f).startswith((".", "_"))
         ]
     if not storage.is_s3(uri):
         found = [os.path.abspath(f) for f in found]
@@ -318,7 +344,7 @@ def file_records(spec: SourceSpec, fidx: int, f=None, open_random=None) -> Itera
             from pyarrow import fs as pafs
 
             fs = pafs.LocalFileSystem()
-        with fs.open_input_stream(path) as stream:
+        with fs.open_input_stream(path, compression="detect") as stream:
             yield from records_of(iter_raw(stream, uri, fmt, lambda: fs.open_input_file(path)), builder)
         return
     yield from records_of(iter_raw(f, uri, fmt, open_random), builder)

@@ -152,7 +152,10 @@ class EngineSpec:
 
     @property
     def num_gpus(self) -> float:
-        return float(self.tensor_parallel) if self.use_gpu else 0.0
+        """GPUs per engine: tensor_parallel for vLLM; HF runs on one device."""
+        if not self.use_gpu:
+            return 0.0
+        return float(self.tensor_parallel) if self.kind == "vllm" else 1.0
 
 
 def vllm_available() -> bool:

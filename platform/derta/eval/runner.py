@@ -226,7 +226,7 @@ def generate_and_judge(
         )
     else:
         ds = ds.map_batches(judge_batch_fn, fn_kwargs=judge_kwargs, batch_size=e.batch_size, num_cpus=1,
-                            num_gpus=spec.num_gpus or None, batch_format="numpy")
+                            batch_format="numpy")
     total, done, t0 = len(records), 0, time.monotonic()
     for batch in ds.iter_batches(batch_size=e.batch_size, batch_format="numpy"):
         rows = [json.loads(str(x)) for x in batch["row"]]

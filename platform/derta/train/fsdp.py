@@ -10,6 +10,7 @@ side in the same parameter groups (it supports mixed requires_grad per group).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -72,26 +73,94 @@ def shard_fsdp2(root: nn.Module, lm: nn.Module, fcfg: FsdpConfig, use_gpu: bool,
     return root
 
 
+# --------------------------------------------------------------------------- rank-0 init
+# Loading a 70B model on every rank of a node would need 8 copies in CPU memory. Instead rank 0
+# loads the real weights, the other ranks build the architecture on the meta device (no
+# memory), everyone shards, and rank 0 broadcasts the full state dict into the shards.
+
+
+def meta_model(like_path: str, dtype: torch.dtype, trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """The architecture of an HF causal LM on the meta device (no weights allocated)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(like_path, trust_remote_code=trust_remote_code)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+
+
+@dataclass
+class RankZeroInit:
+    """Rank 0's weights (full state dict + every buffer, non-persistent ones included, such as
+    rotary frequencies) waiting to be broadcast into the sharded module; empty elsewhere."""
+
+    state_dict: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+
+
+def detach_to_meta(module: nn.Module) -> RankZeroInit:
+    """Take module's tensors out (rank 0) and leave it on the meta device, like the others."""
+    sd = {k: v.detach() for k, v in module.state_dict().items()}
+    bufs = {n: b.detach().clone() for n, b in module.named_buffers()}
+    module.to("meta")
+    return RankZeroInit(sd, bufs)
+
+
+def _broadcast_buffers(root: nn.Module, init: RankZeroInit) -> None:
+    rank = dist.get_rank()
+    for name, buf in root.named_buffers():
+        if rank == 0:
+            key = name if name in init.buffers else name.removeprefix("module.")
+            buf.copy_(init.buffers[key].to(buf.device, buf.dtype))
+        dist.broadcast(buf, src=0)
+
+
+def _materialize_fsdp2(root: nn.Module, init: RankZeroInit, device: torch.device) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    root.to_empty(device=device)
+    sd = init.state_dict if dist.get_rank() == 0 else {}
+    set_model_state_dict(root, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    _broadcast_buffers(root, init)
+
+
+def _materialize_local(root: nn.Module, init: RankZeroInit, device: torch.device) -> None:
+    """Before DDP: real tensors everywhere, rank 0's values (DDP then broadcasts rank 0's
+    parameters and buffers at construction)."""
+    root.to_empty(device=device)
+    if dist.get_rank() == 0:
+        root.load_state_dict(init.state_dict, strict=True)
+        for name, buf in root.named_buffers():
+            buf.copy_(init.buffers[name].to(buf.device, buf.dtype))
+
+
 def wrap(root: nn.Module, lm: nn.Module, fcfg: FsdpConfig, *, use_gpu: bool, device: torch.device,
-         param_dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, Mode]:
+         param_dtype: torch.dtype = torch.bfloat16, init: RankZeroInit | None = None) -> tuple[nn.Module, Mode]:
     """Shard `root` for data-parallel training; returns (module, mode).
 
     FSDP2 when train.fsdp.enabled; DDP when disabled or when fully_shard fails on this
-    combination (logged); unwrapped with a single process.
+    combination (logged); unwrapped with a single process. With `init`, root is on the meta
+    device and its weights come from rank 0 (see RankZeroInit).
     """
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if fcfg.enabled and distributed:
         try:
-            return shard_fsdp2(root, lm, fcfg, use_gpu, param_dtype), "fsdp2"
+            sharded = shard_fsdp2(root, lm, fcfg, use_gpu, param_dtype)
         except Exception as e:  # pragma: no cover - depends on torch build / backend
             log.warning("FSDP2 fully_shard failed (%s: %s); falling back to DDP", type(e).__name__, e)
             print(f"[derta.train] FSDP2 unavailable here ({type(e).__name__}: {e}); using DDP instead", flush=True)
+        else:
+            if init is not None:
+                _materialize_fsdp2(sharded, init, device)
+            return sharded, "fsdp2"
+    if init is not None:
+        _materialize_local(root, init, device)
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(root, device_ids=ids), "ddp"
-    return root, "none"
+        return DDP(root.to(device), device_ids=ids), "ddp"
+    return root.to(device), "none"
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:

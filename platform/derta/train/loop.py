@@ -114,6 +114,14 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS if k in name), None)
 
 
+def _tied_embeddings(path: str, trust_remote_code: bool) -> bool:
+    """Tied input/output embeddings do not survive a meta-device round trip; such (small)
+    models are loaded on every rank instead."""
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "tie_word_embeddings", False))
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
@@ -184,28 +192,57 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(cfg.model)
     refusal_id = refusal_token_id(tokenizer, tc.refusal_token, tc.refusal_token_fallback)
     compute_dtype = torch_dtype(cfg.model.dtype, tc.use_gpu)
-    # With FSDP mixed precision the sharded master weights stay float32; compute is bf16.
-    master = cfg.model if not (tc.use_gpu and tc.fsdp.enabled and tc.fsdp.mixed_precision) else cfg.model.model_copy(update={"dtype": "float32"})
-    torch.manual_seed(tc.seed)  # identical init (LoRA adapters) on every rank
-    lm = load_model(master, use_gpu=tc.use_gpu)
-    n_params = sum(p.numel() for p in lm.parameters())
     lora = cfg.model.lora is not None
+    # Full fine-tuning with FSDP mixed precision keeps float32 master weights (compute is
+    # bf16); with LoRA the frozen base stays in the compute dtype and only adapters are fp32.
+    mp = tc.use_gpu and tc.fsdp.enabled and tc.fsdp.mixed_precision
+    master = cfg.model.model_copy(update={"dtype": "float32"}) if mp and not lora else cfg.model
+    base_path = resolve_model_path(cfg.model.name_or_path)
+    # Rank 0 loads the weights; the other ranks build on the meta device and receive them.
+    meta_init = world > 1 and tc.fsdp.enabled and not _tied_embeddings(base_path, cfg.model.trust_remote_code)
+    attn = [None]
+    torch.manual_seed(tc.seed)
+    if rank == 0 or not meta_init:
+        lm = load_model(master, use_gpu=tc.use_gpu)
+        attn = [getattr(lm.config, "_attn_implementation", None)]
+    if meta_init:
+        dist.broadcast_object_list(attn, src=0)  # the same attention kernel on every rank
+        if rank != 0:
+            lm = fsdp.meta_model(base_path, torch_dtype(master.dtype, tc.use_gpu), cfg.model.trust_remote_code, attn[0])
+    n_params = sum(p.numel() for p in lm.parameters())
     stages = config["stages"]
-    ref_objective = None
-    if any(s["transition"] == "pref" for s in stages) and not lora:
-        ref_lm = copy.deepcopy(lm).eval()
-        for p in ref_lm.parameters():
-            p.requires_grad_(False)
-        ref_objective = DertaObjective(ref_lm).to(device)
     if lora:
         lm = apply_lora(lm, cfg.model.lora)
     if tc.fsdp.activation_checkpointing:
         fsdp.enable_activation_checkpointing(lm)
     lm.train()
-    objective = DertaObjective(lm).to(device)
-    model, mode = fsdp.wrap(objective, lm, tc.fsdp, use_gpu=tc.use_gpu, device=device, param_dtype=compute_dtype)
-    if ref_objective is not None and mode == "fsdp2":
-        ref_objective, _ = fsdp.wrap(ref_objective, ref_objective.lm, tc.fsdp, use_gpu=tc.use_gpu, device=device, param_dtype=compute_dtype)
+    objective = DertaObjective(lm)
+    init = None
+    if meta_init:
+        init = fsdp.detach_to_meta(objective) if rank == 0 else fsdp.RankZeroInit({}, {})
+    ref_objective = None
+    if any(s["transition"] == "pref" for s in stages) and not lora:
+        # Full fine-tuning: a frozen copy of the initial model is the reference (with meta
+        # init a free copy of the meta module, filled from the same rank-0 tensors).
+        ref_lm = copy.deepcopy(lm).eval()
+        for p in ref_lm.parameters():
+            p.requires_grad_(False)
+        ref_objective = DertaObjective(ref_lm)
+    ref_init = init
+    wrap_kw = dict(use_gpu=tc.use_gpu, device=device, param_dtype=compute_dtype)
+    model, mode = fsdp.wrap(objective, lm, tc.fsdp, init=init, **wrap_kw)
+    if ref_objective is not None:
+        if mode == "fsdp2":
+            ref_objective, _ = fsdp.wrap(ref_objective, ref_objective.lm, tc.fsdp, init=ref_init, **wrap_kw)
+        else:
+            if ref_init is not None:
+                fsdp._materialize_local(ref_objective, ref_init, device)
+                for p in ref_objective.parameters():
+                    dist.broadcast(p.data, src=0)
+                for b in ref_objective.buffers():
+                    dist.broadcast(b, src=0)
+            ref_objective = ref_objective.to(device)
+    del init, ref_init
     params = [p for p in model.parameters() if p.requires_grad]
     peak = _peak_flops(device)
 
@@ -337,7 +374,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shutil.rmtree(tmp_resume, ignore_errors=True)
 
     # ------------------------------------------------------------- export
-    base_path = resolve_model_path(cfg.model.name_or_path)
     export_dtype = torch_dtype(cfg.model.dtype, tc.use_gpu)
     t0 = time.perf_counter()
     ckpt.export_model(model, config["model_uri"], base_path=base_path, tokenizer=tokenizer,

@@ -60,9 +60,10 @@ def _dataset(cfg: ExperimentConfig, paths: RunPaths, kinds: list[str] | None):
     from derta.data.pipeline import training_dataset
 
     ds = training_dataset(cfg, paths, kinds=kinds)
-    cols = set(ds.columns() or [])
-    keep = [c for c in ("input_ids", "labels", "rto_mask", "position_ids") if c in cols]
-    return ds.select_columns(keep) if set(keep) != cols else ds
+    ds = ds.select_columns(["input_ids", "labels", "rto_mask", "position_ids"])
+    # Shuffle + packing run once here instead of once per epoch per worker; the row count is
+    # then free, and the row order is fixed for every epoch and every resume.
+    return ds.materialize()
 
 
 WORKER_ENV = ("DERTA_CACHE", "DERTA_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
