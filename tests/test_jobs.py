@@ -231,15 +231,15 @@ class Head:
         raise RuntimeError(f"Ray head did not come up in {timeout}s:\n{self.log.read_text(errors='replace')[-3000:]}")
 
     def _ours(self) -> list[int]:
-        import psutil
-
+        """Processes of the head's session (it was started with start_new_session)."""
         pids = []
-        for p in psutil.process_iter():
-            try:
-                if os.getsid(p.pid) == self.proc.pid:
-                    pids.append(p.pid)
-            except (ProcessLookupError, PermissionError, OSError):
-                pass
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.getsid(int(entry)) == self.proc.pid:
+                        pids.append(int(entry))
+                except OSError:  # gone meanwhile
+                    pass
         return pids
 
     def stop(self) -> None:
@@ -356,7 +356,7 @@ def test_ray_job_submit_runs_the_demo_job(ray_head, tmp_path):
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
            "--submission-id", job_id, "--", "python", "jobs/demo.py", "--set", *sets]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         _rest(url, f"/api/jobs/{job_id}/stop", method="POST")
         raise

@@ -191,12 +191,28 @@ class TuneConfig(Strict):
     metric: str = "proxy_score"
     mode: Literal["min", "max"] = "max"
     max_concurrent_trials: int | None = Field(None, ge=1)
+    # ASHA works in optimizer steps: no trial is stopped before grace_period steps.
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     top_n_full_eval: int = Field(0, ge=0)
+    # Proxy objective every N optimizer steps (None: every grace_period steps, so every ASHA
+    # rung has a result), on at most proxy_samples held-out safety + helpful samples each.
+    report_every: int | None = Field(None, ge=1)
+    proxy_samples: int = Field(64, ge=1)
+    seed: int | None = None  # searcher seed (None: train.seed)
 
 
 # --------------------------------------------------------------------------- eval
+class PairConfig(Strict):
+    """PAIR (Chao et al. 2023): an attacker model rewrites the prompt over `depth` rounds in
+    `streams` parallel conversations; None uses the target model as its own attacker."""
+
+    attacker_model: str | None = None
+    streams: int = Field(3, ge=1)
+    depth: int = Field(3, ge=1)
+    attacker_max_new_tokens: int = Field(128, ge=1)
+
+
 class EvalConfig(Strict):
     engine: Literal["auto", "vllm", "hf"] = "auto"
     attacks: list[Literal["prefill", "completion", "codeattack", "jailbreakchat", "selfcipher", "pair", "autodan", "direct"]] = [
@@ -207,6 +223,7 @@ class EvalConfig(Strict):
     # Pre-built attack prompt files in the paper's format ({"question": ...} per line), by attack.
     prompt_files: dict[str, str] = {}
     prefill_k: list[int] = [0, 5, 10, 20, 40]
+    pair: PairConfig = PairConfig()
     judge: Literal["refusal", "llm", "http"] = "refusal"
     judge_model: str | None = None
     judge_url: str | None = None

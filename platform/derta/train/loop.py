@@ -247,6 +247,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = _peak_flops(device)
 
     tracking = _Tracking(config.get("tracking"), rank)
+    proxy = None  # Tune trials: the held-out proxy objective (derta.tune.proxy), reported to Tune
+    if config.get("proxy"):
+        from derta.tune.proxy import ProxyHook
+
+        proxy = ProxyHook(config["proxy"], device)
     if rank == 0:
         print(f"[derta.train] {world} worker(s), {mode}, device {device}, params {n_params / 1e6:.1f}M, "
               f"trainable {sum(p.numel() for p in params) / 1e6:.2f}M, "
@@ -358,6 +363,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           f"lr {lr:.2e} gnorm {grad_norm:.3f} {tps:,.0f} tok/s ETA {_fmt_time(eta)}", flush=True)
                     tracking.log(metrics, global_step)
                 tok_window, t_window = 0, time.perf_counter()
+            if proxy is not None and (save_now or proxy.due(global_step)):  # collective: all ranks
+                pm = proxy(model, refusal_id, tc.loss.chunk_size, global_step)
+                metrics = {**metrics, **pm}
+                if rank == 0:
+                    tracking.log(pm, global_step)
+                if not save_now:  # a checkpoint report below carries them otherwise
+                    ray.train.report({**metrics, "step": global_step, "stage": si})
             if save_now:
                 st.scheduler = scheduler.state_dict()
                 local = tempfile.mkdtemp(prefix=f"derta-ckpt-r{rank}-")
@@ -376,12 +388,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # ------------------------------------------------------------- export
     export_dtype = torch_dtype(cfg.model.dtype, tc.use_gpu)
     t0 = time.perf_counter()
-    ckpt.export_model(model, config["model_uri"], base_path=base_path, tokenizer=tokenizer,
-                      lora_cfg=cfg.model.lora, dtype=export_dtype, base_ref=cfg.model.name_or_path)
-    if rank == 0:
-        print(f"[derta.train] exported {config['model_uri']} in {time.perf_counter() - t0:.1f}s", flush=True)
+    if config.get("export", True):  # Tune trials skip it unless their models get a full evaluation
+        ckpt.export_model(model, config["model_uri"], base_path=base_path, tokenizer=tokenizer,
+                          lora_cfg=cfg.model.lora, dtype=export_dtype, base_ref=cfg.model.name_or_path)
+        if rank == 0:
+            print(f"[derta.train] exported {config['model_uri']} in {time.perf_counter() - t0:.1f}s", flush=True)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+    if proxy is not None:  # every report a Tune trial makes carries the proxy metric
+        final_metrics = {**final_metrics, **proxy(model, refusal_id, tc.loss.chunk_size, global_step)}
     ray.train.report({**final_metrics, "step": global_step, "done": 1})
     tracking.close()
 

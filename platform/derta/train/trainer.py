@@ -129,11 +129,14 @@ def _log_params(handle: dict | None, params: dict[str, Any], tags: dict[str, Any
         log.warning("MLflow logging from the trainer failed: %s", e)
 
 
-def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datasets: dict[str, Any] | None = None) -> TrainResult:
+def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datasets: dict[str, Any] | None = None,
+          callbacks: list[Any] | None = None, proxy: dict[str, Any] | None = None, export: bool = True) -> TrainResult:
     """Run the training stage; returns where the model is and the last logged metrics.
 
     `datasets` (stage dataset key -> ray.data.Dataset) overrides the data stage, for tests
-    and notebooks that build rows themselves.
+    and notebooks that build rows themselves. Tune trials (derta.tune.tuner) pass `callbacks`
+    (Ray Train callbacks, e.g. Tune's report callback), `proxy` (the held-out proxy objective,
+    evaluated and reported by the loop) and `export=False` when no model directory is needed.
     """
     import ray.train
     from ray.data import ExecutionOptions
@@ -198,6 +201,8 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
         "fault": _fault_from_env(),
         "resume_from": None,
         "env": env,
+        "proxy": proxy,
+        "export": export,
     }
     if tc.resume == "auto":
         from derta.train.checkpoint import find_latest
@@ -216,6 +221,7 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or None,
         ),
         datasets=ds_map,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
