@@ -231,28 +231,35 @@ class Head:
         raise RuntimeError(f"Ray head did not come up in {timeout}s:\n{self.log.read_text(errors='replace')[-3000:]}")
 
     def _ours(self) -> list[int]:
-        """Processes of the head's session (it was started with start_new_session)."""
+        """Live processes of the head's session (it was started with start_new_session)."""
         pids = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
-                    if os.getsid(int(entry)) == self.proc.pid:
+                    if os.getsid(int(entry)) != self.proc.pid:
+                        continue
+                    state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    if state not in ("Z", "X"):  # zombies are dead already
                         pids.append(int(entry))
-                except OSError:  # gone meanwhile
+                except (OSError, IndexError):  # gone meanwhile
                     pass
         return pids
+
+    def _wait_gone(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self._ours() and time.monotonic() < deadline:
+            time.sleep(0.3)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
-        deadline = time.monotonic() + 30
-        while self._ours() and time.monotonic() < deadline:
-            time.sleep(0.3)
+        self._wait_gone(30)
         for pid in self._ours():  # stragglers of this session only, by pid
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self._wait_gone(30)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:

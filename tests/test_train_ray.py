@@ -1,7 +1,10 @@
 """`train(cfg, paths, tracking)` through real Ray Train: 2 FSDP2 workers on gloo, a tiny
-model, the demo data as hand-built training rows. RTO training must raise the refusal
-token's probability at harmful-response positions; LoRA + the preference variant must train
-and export a merged HF model plus a peft adapter; rank 0 logs to a real MLflow store."""
+model, the demo data as hand-built training rows (tests/_train_rows.py).
+
+RTO training raises the refusal token's probability at harmful-response positions and rank 0
+logs to a real MLflow store; a worker SIGKILLed mid-run is replaced and the run resumes from
+its S3 checkpoint (moto on loopback) to the same final weights; LoRA + the preference variant
+on the sequential schedule trains and exports a merged HF model plus a peft adapter."""
 
 from __future__ import annotations
 
@@ -15,12 +18,14 @@ from _train_rows import demo_samples, sample, to_rows
 pytestmark = pytest.mark.slow
 
 MAX_LEN = 128
+STEPS = 8  # 5 steps per epoch on the rto rows: the runs cross an epoch boundary
+KILL_AT = 3  # resumes from the step-2 checkpoint, in the middle of an epoch
 
 
 def _cfg(root: str, name: str, model: str, lora: dict | None = None, **train):
     from derta.config import validate_config
 
-    t = {"max_steps": 8, "global_batch": 8, "micro_batch": 2, "lr": 3e-3, "warmup_ratio": 0.0, "log_every": 1,
+    t = {"max_steps": STEPS, "global_batch": 8, "micro_batch": 2, "lr": 3e-3, "warmup_ratio": 0.0, "log_every": 1,
          "workers": 2, **train}
     m = {"name_or_path": model, **({"lora": lora} if lora else {})}
     return validate_config({"model": m, "train": t, "data": {"max_len": MAX_LEN}, "storage": {"root": root, "run_name": name}})
@@ -46,23 +51,33 @@ def _heldout_refusal_logprob(model_dir: str, tokenizer) -> float:
     return sum(vals) / len(vals)
 
 
-def test_rto_training_raises_refusal_probability_and_logs_to_mlflow(ray_local, tiny_model_dir, tiny_tokenizer, tmp_path):
-    from transformers import AutoModelForCausalLM
-
+@pytest.fixture(scope="module")
+def rto_run(ray_local, tiny_model_dir, tiny_tokenizer, tmp_path_factory):
+    """method rto on the demo rows, uninterrupted, local storage, logging to a real MLflow
+    store; checkpoints every 2 steps. Also the reference for the resume test."""
     from derta.paths import RunPaths
     from derta.tracking import Tracker
     from derta.train.trainer import train
 
     rows = to_rows(demo_samples(tiny_tokenizer, 20, 20), MAX_LEN, tiny_tokenizer.pad_token_id, packing=True)
-    root = str(tmp_path / "runs")
-    cfg = _cfg(root, "rto", tiny_model_dir, method="rto")
+    root = str(tmp_path_factory.mktemp("rto") / "runs")
     paths = RunPaths(root, "rto")
     tracker = Tracker.for_root(root)
     with tracker.run("train") as run_id:
         handle = type("Handle", (), {"tracking_uri": tracker.tracking_uri, "experiment": tracker.experiment, "run_id": run_id})()
-        res = train(cfg, paths, handle, datasets={"train": ray_local.data.from_items(rows)})
+        res = train(_rto_cfg(root, "rto", tiny_model_dir), paths, handle, datasets={"train": ray_local.data.from_items(rows)})
+    return {"result": res, "paths": paths, "rows": rows, "tracker": tracker, "run_id": run_id}
 
-    assert res.steps == 8 and res.model_dir == paths.model
+
+def _rto_cfg(root: str, name: str, model: str, **train):
+    return _cfg(root, name, model, method="rto", checkpoint_every=2, loss={"rto_keep": 0.5}, **train)
+
+
+def test_rto_training_raises_refusal_probability_and_logs_to_mlflow(rto_run, tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    res, paths, tracker, run_id = rto_run["result"], rto_run["paths"], rto_run["tracker"], rto_run["run_id"]
+    assert res.steps == STEPS and res.model_dir == paths.model
     AutoModelForCausalLM.from_pretrained(paths.model)  # a regular HF directory (+ tokenizer)
     before = _heldout_refusal_logprob(tiny_model_dir, tiny_tokenizer)
     after = _heldout_refusal_logprob(paths.model, tiny_tokenizer)
@@ -71,13 +86,51 @@ def test_rto_training_raises_refusal_probability_and_logs_to_mlflow(ray_local, t
     # Rank 0 logged every step into the driver's run; both losses fell.
     hist = {k: [m.value for m in sorted(tracker.client.get_metric_history(run_id, k), key=lambda m: m.step)]
             for k in ("loss", "loss_mle", "loss_rto", "lr", "grad_norm", "tokens_per_s")}
-    assert len(hist["loss"]) == 8
+    assert len(hist["loss"]) == STEPS
     assert hist["loss_rto"][-1] < hist["loss_rto"][0] - 1.0
     assert hist["loss_mle"][-1] < hist["loss_mle"][0]
     assert all(v > 0 for v in hist["tokens_per_s"])
-    params = tracker.client.get_run(run_id).data.params
-    assert params["train.method"] == "rto" and params["trainer.stage0.steps"] == "8"
-    assert tracker.client.get_run(run_id).data.tags["model_dir"] == paths.model
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["train.method"] == "rto" and run.data.params["trainer.stage0.steps"] == str(STEPS)
+    assert run.data.tags["model_dir"] == paths.model
+
+
+def test_killed_worker_resumes_from_s3_checkpoint_and_matches(rto_run, ray_local, tiny_model_dir, s3_bucket, tmp_path,
+                                                                monkeypatch):
+    """Rank 1 is SIGKILLed after step KILL_AT; Ray Train (FailureConfig) restarts the worker
+    group, which resumes from the step-2 checkpoint on S3 (moto on loopback), skips the
+    micro-batches already consumed and ends where the uninterrupted run ended."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from derta import storage
+    from derta.paths import RunPaths
+    from derta.train.trainer import FAULT_ENV, train
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"{KILL_AT}:{marker}:1")
+    paths = RunPaths(s3_bucket, "faulty")
+    cfg = _rto_cfg(s3_bucket, "faulty", tiny_model_dir, max_failures=1)
+    res = train(cfg, paths, None, datasets={"train": ray_local.data.from_items(rto_run["rows"])})
+    assert marker.exists(), "the fault was never injected"
+    ref = rto_run["result"]
+    assert res.steps == ref.steps == STEPS and res.model_dir == paths.model
+
+    # Checkpoints live on S3: both ranks' shards merged into one directory per step.
+    ckpts = storage.list_files(paths.checkpoints)
+    assert any(f.endswith("__1_0.distcp") for f in ckpts) and any(f.endswith(".metadata") for f in ckpts)
+    assert any(f"checkpoint_s0_{STEPS:08d}" in f for f in ckpts)
+
+    local = tmp_path / "faulty_model"
+    storage.download_dir(paths.model, local)
+    AutoModelForCausalLM.from_pretrained(str(local))
+    a, b = load_file(f"{ref.model_dir}/model.safetensors"), load_file(f"{local}/model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    # Same data order, per-step seeds (RTO keep-rate) and optimizer state: float32 on CPU
+    # replays the same arithmetic, so the weights agree to rounding noise.
+    assert worst < 1e-5, worst
+    assert abs(ref.final_metrics["loss"] - res.final_metrics["loss"]) < 1e-4
 
 
 def test_lora_preference_sequential_trains_and_exports_merged_model_and_adapter(ray_local, tiny_model_dir, tiny_tokenizer,

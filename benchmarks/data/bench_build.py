@@ -73,7 +73,7 @@ def single_process(cfg, out_dir: Path) -> dict:
     n = tokens = 0
     for i in range(0, len(records), 512):
         samples, _ = builder.build(records[i : i + 512])
-        table = P._sample_table(samples, {})  # noqa: SLF001
+        table = P.sample_table(samples, {})
         pq.write_table(table, out_dir / f"part-{i // 512:05d}.parquet", compression="zstd")
         n += len(samples)
         tokens += sum(len(s) for s in samples)

@@ -112,7 +112,7 @@ def read_manifest(paths) -> DataManifest | None:
     return DataManifest.from_dict(storage.read_json(paths.manifest))
 
 
-def _sample_table(samples: list[Sample], skips: Counter) -> pa.Table:
+def sample_table(samples: list[Sample], skips: Counter) -> pa.Table:
     cols: dict[str, list] = {name: [] for name in SAMPLE_COLUMNS}
     for s in samples:
         row = s.row()
@@ -128,7 +128,7 @@ def _sample_table(samples: list[Sample], skips: Counter) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- writing
-def _shard_stats(table: pa.Table) -> dict[str, Any]:
+def shard_stats(table: pa.Table) -> dict[str, Any]:
     kinds = table["kind"].to_pylist()
     n_marker = table["prefix_len"].to_pylist()
     sids = table["source_id"].to_pylist()
@@ -164,7 +164,7 @@ def _shard_stats(table: pa.Table) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _sink_cls():
+def sample_sink_cls():
     from ray.data import Datasink
 
     class SampleSink(Datasink):
@@ -185,7 +185,7 @@ def _sink_cls():
 
             tables = [pa.Table.from_batches(b.to_batches(), schema=SAMPLE_SCHEMA) if isinstance(b, pa.Table) else pa.Table.from_pandas(b, schema=SAMPLE_SCHEMA) for b in blocks]
             table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()
-            stats = _shard_stats(table)
+            stats = shard_stats(table)
             keep = stats.pop("keep")
             stats["shard"] = None
             stats["rows"] = len(keep)
@@ -208,7 +208,7 @@ def _sink_cls():
     return SampleSink
 
 
-def _merge_stats(results: list[dict]) -> dict[str, Any]:
+def merge_stats(results: list[dict]) -> dict[str, Any]:
     per_kind: dict[str, dict[str, int]] = {}
     skipped: Counter = Counter()
     trimmed: Counter = Counter()

@@ -24,19 +24,20 @@ import os
 import time
 import uuid
 from collections import Counter
+
 import numpy as np
 import pyarrow as pa
 
 from derta import storage
-from derta.config import ConfigError, ExperimentConfig
+from derta.config import ConfigError, ExperimentConfig, redact
 from derta.data import prefix as P
 from derta.data import sources as S
 from derta.data.manifest import (
     SAMPLE_COLUMNS,
     DataManifest,
-    _merge_stats,
-    _sample_table,
-    _sink_cls,
+    merge_stats,
+    sample_table,
+    sample_sink_cls,
     data_fingerprint,
     read_manifest,
 )
@@ -70,7 +71,7 @@ class BuildSamples:
         records = [rec for role, rs in by_role.items() for rec in self.plans[role].select(rs)]
         samples, skips = self.builder.build(records)
         _telemetry(Counter(s.kind for s in samples), skips)
-        return _sample_table(samples, skips)
+        return sample_table(samples, skips)
 
 
 def _telemetry(built: Counter, skipped: Counter) -> None:
@@ -135,9 +136,9 @@ def build(cfg: ExperimentConfig, paths) -> DataManifest:
     _telemetry(Counter(), plan.skipped)
     build_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     shard_dir = storage.join(_abs(paths.data), f"shards-{build_id}")
-    sink = _sink_cls()(shard_dir)
+    sink = sample_sink_cls()(shard_dir)
     _stream(src_cfg, plan).write_datasink(sink)
-    stats = _merge_stats(sink.results)
+    stats = merge_stats(sink.results)
     shards = sorted(r["shard"] for r in sink.results if r["shard"])
     per_kind = stats["per_kind"]
     counts = {k: per_kind[k]["samples"] for k in KINDS if k in per_kind}
@@ -176,13 +177,13 @@ def build(cfg: ExperimentConfig, paths) -> DataManifest:
             "build_seconds": round(time.time() - t0, 2),
         },
         prefix_hist={k: stats["hist"].get(k, 0) for k in P.histogram([])},
-        sources=plan.sources,
+        sources=redact(plan.sources),
         mix={"preset": plan.preset, "amounts": plan.amounts},
         shards=shards,
         heldout_uri=heldout_uri,
         pad_id=pad_id,
         warnings=plan.warnings,
-        config=cfg.data.model_dump(mode="json"),
+        config=cfg.redacted()["data"],
     )
     if heldout_uri is None and storage.exists_file(paths.heldout):
         storage.delete(paths.heldout)  # an earlier build's held-out rows would be stale
