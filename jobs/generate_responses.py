@@ -1,8 +1,12 @@
 """Fill in the safety triples: harmful responses from a deliberately unaligned model and safe
-responses from an aligned one (paper §3.1), with inference engines on GPUs.
+responses from an aligned one (paper §3.1), with inference engines on GPUs, then build the
+transition samples from them (`derta data build` with data.generate on).
 
   python jobs/generate_responses.py --plan    # one engine plan per generation model
-  ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/generate_responses.py
+  ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/generate_responses.py \\
+      --set storage.run_name=gen-3k
+The completed triples are Parquet under <storage.root>/gen-3k/data/generated/safety-<hash>/: point a
+training job at them with --set data.safety.uri=<that directory> data.safety.format=parquet.
 Config: jobs/configs/generate_responses.yaml (data.safety: the questions; data.generate: models).
 """
 
@@ -20,10 +24,9 @@ CONFIG = "generate_responses.yaml"  # in jobs/configs/
 
 
 def run(cfg):
-    from derta.data.generate import generate_responses
-    from derta.pipeline import run_paths
+    from derta.pipeline import build_data
 
-    return generate_responses(cfg, run_paths(cfg))
+    return build_data(cfg)  # data.generate fills the missing responses first (derta.data.generate)
 
 
 def plan(cfg) -> bool:

@@ -146,7 +146,7 @@ def test_llama3_70b_lora_on_16_gpus(shapes):
 def test_eval_that_cannot_fit_and_tensor_parallel_across_nodes(shapes):
     cfg = job_config("eval_attacks", f"model.name_or_path={shapes['llama3-70b']}")
     plan = make_plan(cfg, ("eval",))
-    assert not plan.fits and "eval engine needs" in plan.problems[0]  # 132 GiB of weights on one GPU
+    assert not plan.fits and "inference engine needs" in plan.problems[0]  # 132 GiB of weights on one GPU
     assert plan.train is None
     wide = job_config("eval_attacks", f"model.name_or_path={shapes['llama3-70b']}", "eval.tensor_parallel=16")
     assert any("spans more than one" in p for p in make_plan(wide, ("eval",)).problems)

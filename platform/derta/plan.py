@@ -26,9 +26,9 @@ Training, bytes per GPU, FSDP2 full sharding as derta.train does it:
                      (train/losses.py never builds the full [b·s, V] logits)
   total              the sum × 1.10 (CUDA context, NCCL buffers, allocator fragmentation)
 
-Evaluation, per engine actor over T = eval.tensor_parallel GPUs (vLLM or HF):
-  weights c·P/T, KV cache of one batch 2·L·h_kv·c·(s + max_new_tokens)·eval.batch_size / T,
-  within vLLM's budget of 0.85 × GPU memory (eval/engines.py gpu_memory_utilization).
+Evaluation and response generation, per engine actor over T = eval.tensor_parallel GPUs:
+  weights c·P/T, KV cache of one batch 2·L·h_kv·c·(s + max_new_tokens)·batch_size / T (eval.* or
+  data.generate.*), within vLLM's budget of 0.85 × GPU memory (eval/engines.py).
 
 A plan fails (False, exit 1 from the jobs) when a stage that uses GPUs does not fit
 train.gpu_memory_gb GiB per GPU, or when tensor parallelism spans more GPUs than a node has.
@@ -182,10 +182,12 @@ def estimate_memory(shape: ModelShape, cfg: ExperimentConfig) -> MemoryEstimate:
     return MemoryEstimate(weights, grads, optimizer, reference, gathered, unsharded, activations, logits)
 
 
-def estimate_eval(shape: ModelShape, cfg: ExperimentConfig) -> EvalEstimate:
-    """Inference bytes per GPU for one engine over eval.tensor_parallel GPUs."""
-    t, c, e = cfg.eval.tensor_parallel, COMPUTE_BYTES, cfg.eval
-    kv = 2 * shape.layers * shape.kv_dim * c * (cfg.data.max_len + e.max_new_tokens) * e.batch_size
+def estimate_eval(shape: ModelShape, cfg: ExperimentConfig, generate: bool = False) -> EvalEstimate:
+    """Inference bytes per GPU for one engine over eval.tensor_parallel GPUs (with
+    generate=True, the batch and new tokens of data.generate)."""
+    t, c = cfg.eval.tensor_parallel, COMPUTE_BYTES
+    g = cfg.data.generate if generate and cfg.data.generate else cfg.eval
+    kv = 2 * shape.layers * shape.kv_dim * c * (cfg.data.max_len + g.max_new_tokens) * g.batch_size
     return EvalEstimate(c * shape.params / t, kv / t)
 
 
@@ -227,7 +229,7 @@ def check(plan: Plan, cfg: ExperimentConfig) -> None:
         budget = VLLM_MEMORY_UTILIZATION * limit
         if plan.eval.total > budget:
             plan.problems.append(
-                f"an eval engine needs {plan.eval.total / GiB:.1f} GiB per GPU > {budget / GiB:.1f} GiB "
+                f"an inference engine needs {plan.eval.total / GiB:.1f} GiB per GPU > {budget / GiB:.1f} GiB "
                 f"({VLLM_MEMORY_UTILIZATION:.0%} of {cfg.train.gpu_memory_gb:g}); raise eval.tensor_parallel "
                 "or lower eval.batch_size")
         if r.gpus_per_actor > r.gpus_per_node:
@@ -251,7 +253,7 @@ def make_plan(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, shape: Mode
         shape=shape,
         resources=resources(cfg, stages, gpus_per_node),
         train=estimate_memory(shape, cfg) if training else None,
-        eval=estimate_eval(shape, cfg) if evaluating else None,
+        eval=estimate_eval(shape, cfg, generate="generate" in stages) if evaluating else None,
     )
     check(plan, cfg)
     return plan
@@ -351,7 +353,7 @@ def print_plan(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, *, show_co
     if r.peak_gpus:
         console.print(f"peak: {r.peak_gpus} GPUs = {r.gpu_nodes} node(s) of {r.gpus_per_node} GPUs")
     if plan.train is not None:
-        console.print(f"training memory per GPU: {model or cfg.model.name_or_path}, {_count(shape.params)} params"
+        console.print(f"training memory per {'GPU' if t.use_gpu else 'worker'}: {model or cfg.model.name_or_path}, {_count(shape.params)} params"
                       + (f", {_count(shape.lora_params)} LoRA" if cfg.model.lora else "") + f", {t.workers} shards")
         table = Table()
         table.add_column("part")
@@ -363,7 +365,8 @@ def print_plan(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, *, show_co
         table.add_row(f"total (+{HEADROOM:.0%} headroom)", f"{plan.train.total / GiB:.2f}")
         console.print(table)
     if plan.eval is not None:
-        console.print(f"{'generation' if 'generate' in stages else 'eval'} memory per GPU ({model or cfg.model.name_or_path}): weights {plan.eval.weights / GiB:.2f} GiB + KV cache of one batch "
+        console.print(f"{'generation' if 'generate' in stages else 'eval'} memory per {'GPU' if r.gpus_per_actor else 'engine'} "
+                      f"({model or cfg.model.name_or_path}): weights {plan.eval.weights / GiB:.2f} GiB + KV cache of one batch "
                       f"{plan.eval.kv_cache / GiB:.2f} GiB = {plan.eval.total / GiB:.2f} GiB"
                       + ("" if r.gpus_per_actor else " (on CPU)"))
     for note in plan.notes:
