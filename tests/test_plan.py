@@ -180,3 +180,20 @@ def test_plan_exit_codes_from_the_jobs(shapes):
     assert rc["8b"] == 0, out["8b"][-3000:]
     assert "plan fits" in out["8b"] and "8 GPU" in out["8b"] and "optimizer" in out["8b"]
     assert rc["bad"] == 2 and "train.workers" in out["bad"]
+
+
+def test_shape_of_an_s3_model_reads_config_json_only(shapes, s3_bucket, monkeypatch):
+    """A model on S3 is sized from its config.json: the weights next to it are never fetched."""
+    from derta import storage
+
+    uri = f"{s3_bucket}/models/llama3-8b"
+    storage.write_text(storage.join(uri, "config.json"), (Path(shapes["llama3-8b"]) / "config.json").read_text())
+    storage.write_text(storage.join(uri, "model-00001-of-00004.safetensors"), "not weights")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("plan must not download the model")
+
+    monkeypatch.setattr(storage, "local_copy", no_download)
+    monkeypatch.setattr(storage, "download_dir", no_download)
+    cfg = job_config("derta_8b", f"model.name_or_path={uri}")
+    assert model_shape(cfg).params == 8_030_261_248

@@ -298,16 +298,29 @@ def shape_from_hf_config(hf, lora_r: int | None = None, lora_targets: Iterable[s
                       intermediate, kv_heads * head_dim, layer_params, lora)
 
 
-def model_shape(cfg: ExperimentConfig, name_or_path: str | None = None) -> ModelShape:
-    """The shape of cfg's model (or another model, e.g. a generation model), from its config
-    alone: an HF id fetches config.json only; s3:// and builtin: go through resolve_model_path."""
+def _hf_config(ref: str, revision: str | None, trust_remote_code: bool):
+    """The model's config alone: from an s3:// HF directory only config.json is fetched."""
+    import tempfile
+    from pathlib import Path
+
     from transformers import AutoConfig
 
     from derta.models import resolve_model_path
 
+    if ref.startswith("s3://"):
+        from derta import storage
+
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "config.json").write_text(storage.read_text(storage.join(ref, "config.json")))
+            return AutoConfig.from_pretrained(tmp, trust_remote_code=trust_remote_code)
+    return AutoConfig.from_pretrained(resolve_model_path(ref), revision=revision, trust_remote_code=trust_remote_code)
+
+
+def model_shape(cfg: ExperimentConfig, name_or_path: str | None = None) -> ModelShape:
+    """The shape of cfg's model (or another model, e.g. a generation model) from its config.json
+    alone: an HF id fetches only that file, so does an s3:// directory; builtin:tiny is built."""
     ref = name_or_path or cfg.model.name_or_path
-    hf = AutoConfig.from_pretrained(resolve_model_path(ref), revision=cfg.model.revision if name_or_path is None else None,
-                                    trust_remote_code=cfg.model.trust_remote_code)
+    hf = _hf_config(ref, cfg.model.revision if name_or_path is None else None, cfg.model.trust_remote_code)
     lora = cfg.model.lora if name_or_path is None else None
     return shape_from_hf_config(hf, lora.r if lora else None, lora.target_modules if lora else (),
                                 cfg.model.trust_remote_code)

@@ -119,7 +119,7 @@ def _materialize_fsdp2(root: nn.Module, init: RankZeroInit, device: torch.device
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     root.to_empty(device=device)
-    sd = init.state_dict if dist.get_rank() == 0 else {}
+    sd = dict(init.state_dict) if dist.get_rank() == 0 else {}  # DSD replaces entries in place
     set_model_state_dict(root, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     _broadcast_buffers(root, init)
 
