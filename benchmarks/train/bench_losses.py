@@ -4,7 +4,8 @@
    (HF `model(input_ids, labels=...)`, full logits) on the same batch and model.
 2. peak memory: chunked vs naive (full [B, L, V] float32 logits) at vocab 128,256, length
    1,024, small hidden size; each variant in a fresh subprocess, peak RSS growth measured
-   with getrusage (torch's CPU allocator is invisible to tracemalloc).
+   as the kernel's peak-RSS mark (VmHWM, reset just before the step; torch's CPU allocator is
+   invisible to tracemalloc).
 3. packed vs padded rows: real (non-pad) tokens per second on the demo data.
 
     python benchmarks/train/bench_losses.py [--quick]
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -104,14 +104,30 @@ def _memory_child(variant: str, vocab: int, L: int, hidden: int, chunk: int) -> 
     small = {k: v[:, :8] for k, v in batch.items()}
     derta_loss(model, small, refusal_id=7, chunk_size=4).loss.backward()
     model.zero_grad(set_to_none=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _reset_peak_rss_kib()
     if variant == "naive":
         loss = naive_loss(model, batch, refusal_id=7, targets=t).loss
     else:
         loss = derta_loss(model, batch, refusal_id=7, targets=t, chunk_size=chunk).loss
     loss.backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = _status_kib("VmHWM")
     print(json.dumps({"peak_growth_mib": (after - before) / 1024.0}))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss_kib() -> int:
+    """Reset the kernel's peak-RSS mark (Linux: clear_refs 5) and return the current RSS, so
+    VmHWM afterwards is the peak of this computation alone."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
 
 
 def bench_memory(quick: bool) -> dict:

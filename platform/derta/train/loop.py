@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from derta import telemetry
 from derta.config import ExperimentConfig
 from derta.train import checkpoint as ckpt
 from derta.train import fsdp
@@ -302,7 +303,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"{plan.total_steps} steps, accum {plan.accum}, global batch {plan.global_batch}", flush=True)
         shard = ray.train.get_dataset_shard(stage["dataset"])
         batches = micro_batches(shard, plan, tc.micro_batch, st.epoch, st.offset)
-        t_start, steps_timed, tok_window, t_window = time.perf_counter(), 0, 0, time.perf_counter()
+        t_start, steps_timed, tok_window, t_window, steps_window = time.perf_counter(), 0, 0, time.perf_counter(), 0
         while st.step < plan.total_steps:
             torch.manual_seed(step_seed(tc.seed, si, st.step, rank))
             micro = []
@@ -340,6 +341,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             global_step += 1
             st.global_step = global_step
             steps_timed += 1
+            steps_window += 1
 
             log_now = st.step % tc.log_every == 0 or st.step == plan.total_steps
             save_now = (tc.checkpoint_every and st.step % tc.checkpoint_every == 0) or st.step == plan.total_steps
@@ -362,7 +364,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           f"{' pref %.4f' % metrics['loss_pref'] if stage['transition'] == 'pref' else ''}) "
                           f"lr {lr:.2e} gnorm {grad_norm:.3f} {tps:,.0f} tok/s ETA {_fmt_time(eta)}", flush=True)
                     tracking.log(metrics, global_step)
-                tok_window, t_window = 0, time.perf_counter()
+                    telemetry.record_train_step(metrics, step=global_step, steps=steps_window, tokens=float(totals[4]),
+                                                step_seconds=dt / max(1, steps_window), run=config.get("run_name"))
+                tok_window, t_window, steps_window = 0, time.perf_counter(), 0
             if proxy is not None and (save_now or proxy.due(global_step)):  # collective: all ranks
                 pm = proxy(model, refusal_id, tc.loss.chunk_size, global_step)
                 metrics = {**metrics, **pm}

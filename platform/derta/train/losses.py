@@ -20,8 +20,8 @@ Normalisation (what each logged number is):
   A term with no tokens in the batch contributes 0.
 
 Memory: the vocabulary projection + log-softmax run only on positions that carry a target,
-`chunk_size` positions at a time, each chunk under activation checkpointing, so at most one
-[chunk_size, vocab] float32 block is alive in forward and in backward. Full-vocabulary fp32
+`chunk_size` positions at a time, with a fused backward that rebuilds each chunk's logits, so
+about one [chunk_size, vocab] float32 block is alive at a time in forward and in backward. Full-vocabulary fp32
 logits for the whole sequence are never built (`naive_loss` does build them; it is the
 reference the tests compare against).
 """
@@ -129,6 +129,33 @@ def _chunk_logprobs(h: Tensor, weight: Tensor, bias: Tensor | None, cols: Tensor
     return logits.gather(1, cols) - lse
 
 
+class _FusedChunkLogprob(torch.autograd.Function):
+    """log_softmax(h @ Wᵀ)[:, cols] for one chunk with a hand-written backward: only the
+    per-row log-sum-exp is saved; backward rebuilds the logits once and turns them into the
+    gradient in place (softmax, scaled, minus the one-hot targets), so a chunk costs ONE
+    [C, V] float32 buffer in forward and in backward (autograd through log_softmax keeps ~5)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, cols: Tensor) -> Tensor:
+        logits = F.linear(h, weight).float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        out = logits.gather(1, cols) - lse
+        ctx.save_for_backward(h, weight, cols, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, weight, cols, lse = ctx.saved_tensors
+        grad = F.linear(h, weight).float()
+        grad.sub_(lse).exp_()  # softmax
+        grad.mul_(-g.sum(dim=1, keepdim=True))
+        grad.scatter_add_(1, cols, g.to(grad.dtype))  # d/dlogits of Σ_k g_k (logit[col_k] − lse)
+        grad = grad.to(h.dtype)
+        grad_h = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ h if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None
+
+
 def position_logprobs(
     hidden: Tensor,
     head: nn.Module,
@@ -141,7 +168,8 @@ def position_logprobs(
     """log p(cols[n, k] | position n) for selected hidden rows [N, H]; [N, K] float32.
 
     Chunks of `chunk_size` rows; with `recompute`, each chunk's [C, V] logits are rebuilt in
-    backward instead of being stored (activation checkpointing of the head).
+    backward instead of being stored (the fused function above; activation checkpointing of
+    the generic chunk for heads with a bias or logit scaling).
     """
     scale, cap = _logit_transform(config) if config is not None else (None, None)
     weight, bias = head.weight, getattr(head, "bias", None)
@@ -150,7 +178,10 @@ def position_logprobs(
     # every rank produces a (zero) gradient for it and FSDP's reduce-scatter stays in step.
     for start in range(0, max(1, hidden.shape[0]), chunk_size):
         h, c = hidden[start : start + chunk_size], cols[start : start + chunk_size]
-        if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        if needs_grad and recompute and bias is None and scale is None and cap is None:
+            outs.append(_FusedChunkLogprob.apply(h, weight, c))
+        elif needs_grad and recompute:  # architectures with a head bias / logit scaling
             outs.append(checkpoint(_chunk_logprobs, h, weight, bias, c, scale, cap, use_reentrant=False))
         else:
             outs.append(_chunk_logprobs(h, weight, bias, c, scale, cap))

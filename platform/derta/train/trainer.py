@@ -147,6 +147,7 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     from derta.train.loop import step_plan
 
     ensure_ray(cfg)
+    import time as _t; _T0=_t.time()
     tc = cfg.train
     stages = plan_stages(cfg)
     ds_map: dict[str, Any] = {}
@@ -179,15 +180,13 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
         os.makedirs(storage_path, exist_ok=True)
 
     handle = _handle_dict(tracking)
-    _log_params(handle, {
-        "train.method": tc.method, "train.schedule": tc.schedule, "train.workers": tc.workers,
-        "train.lr": tc.lr, "train.global_batch": tc.global_batch, "train.micro_batch": tc.micro_batch,
-        "train.loss": tc.loss.model_dump(), "train.fsdp": tc.fsdp.model_dump(),
-        "model.name_or_path": cfg.model.name_or_path, "model.lora": cfg.model.lora.model_dump() if cfg.model.lora else None,
-        **{f"trainer.stage{i}.{k}": v for i, (st, p) in enumerate(zip(stages, plans))
-           for k, v in {"name": st["name"], "rows": st["rows"], "steps": p.total_steps, "accum": p.accum,
-                        "effective_global_batch": p.global_batch, "warmup_steps": p.warmup_steps}.items()},
-    })
+    # What the trainer derived (never logged by anyone else) ...
+    _log_params(handle, {f"trainer.stage{i}.{k}": v for i, (st, p) in enumerate(zip(stages, plans))
+                         for k, v in {"name": st["name"], "rows": st["rows"], "steps": p.total_steps, "accum": p.accum,
+                                      "effective_global_batch": p.global_batch, "warmup_steps": p.warmup_steps}.items()})
+    # ... and the config it ran with (may already be logged by the caller with the same values).
+    _log_params(handle, {"train": tc.model_dump(mode="json"), "model.name_or_path": cfg.model.name_or_path,
+                         "model.lora": cfg.model.lora.model_dump() if cfg.model.lora else None})
 
     # Settings the workers need to reach the same model cache, object store and tracking
     # server as the driver. Sent inside the (pickled) loop config and applied by the worker,
@@ -197,6 +196,7 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
         "experiment": cfg.to_dict(),
         "stages": [{k: v for k, v in st.items() if k != "kinds"} for st in stages],
         "model_uri": paths.model,
+        "run_name": paths.name,
         "tracking": handle,
         "fault": _fault_from_env(),
         "resume_from": None,
@@ -226,10 +226,13 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
         datasets=ds_map,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
     )
+    print("TT trainer before fit", _t.time()-_T0, flush=True)
     result = trainer.fit()
+    print("TT trainer after fit", _t.time()-_T0, flush=True)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     steps = int(metrics.get("step", sum(p.total_steps for p in plans)))
-    _log_params(handle, {}, tags={"model_dir": paths.model})
+    if export:
+        _log_params(handle, {}, tags={"model_dir": paths.model})
     return TrainResult(model_dir=paths.model, steps=steps, final_metrics=metrics)
 
 

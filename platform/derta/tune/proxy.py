@@ -218,6 +218,10 @@ class ProxyHook:
         self.helpful = make_batches(ps.helpful, bs, ps.pad_id) if ps.helpful else []
         self.last: dict[str, float] = {}
         self._step = -1
+        if spec.get("janitor"):
+            from derta.tune.tuner import register_worker_group
+
+            register_worker_group(spec)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0

@@ -300,11 +300,102 @@ def _tune_callback_cls():
 
 
 # --------------------------------------------------------------------------- the trial driver
+def _report_callback():
+    """Train's TuneReportCallback, with the loop's final-report key `done` renamed
+    `train_done`: Tune reads `done` as "this trial is over" and would stop the trial actor
+    (and with it the Train run) before the driver function returns."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            renamed = [{("train_done" if k == "done" else k): v for k, v in m.items()} for m in metrics]
+            super().after_report(run_context, renamed, checkpoint)
+
+    return ReportToTune()
+
+
+class TrialJanitor:
+    """A detached actor that removes a trial's Train worker placement group when the trial
+    actor dies without Train shutting down (ASHA stops it, Ctrl+C, a crash).
+
+    Ray Train's own cleaner for that case asks the state API (the dashboard) whether its
+    controller is alive; on a cluster started without a dashboard (the local default) it never
+    fires, the stopped trial's workers' CPUs/GPUs stay reserved and later trials wait forever.
+    This janitor needs no dashboard: it holds a call on the trial actor, which fails when the
+    actor dies. Workers register the group (`register_worker_group`); the trial releases the
+    janitor when its Train run ended normally."""
+
+    def __init__(self, trial_actor: Any):
+        self.trial = trial_actor
+        self.groups: list[Any] = []
+        self.released = False
+
+    def register(self, pg: Any) -> None:
+        if all(pg.id != g.id for g in self.groups):
+            self.groups.append(pg)
+
+    def release(self) -> None:
+        self.released = True
+
+    def watch(self) -> int:
+        """Runs until the trial actor is gone or released the janitor; returns groups removed."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        while not self.released:
+            try:
+                ray.get(self.trial.__ray_ready__.remote())
+            except Exception:  # noqa: BLE001 - RayActorError and friends: the trial is gone
+                break
+            time.sleep(1.0)
+        removed = 0
+        if not self.released:
+            for pg in self.groups:
+                try:
+                    remove_placement_group(pg)
+                    removed += 1
+                except Exception:  # noqa: BLE001 - already removed
+                    pass
+        try:
+            ray.actor.exit_actor()
+        except Exception:  # noqa: BLE001
+            pass
+        return removed
+
+
+def _start_janitor(trial_id: str) -> tuple[Any, str, str]:
+    import uuid
+
+    import ray
+
+    name = f"derta-tune-janitor-{trial_id}-{uuid.uuid4().hex[:8]}"
+    namespace = ray.get_runtime_context().namespace
+    actor = ray.remote(num_cpus=0, max_concurrency=4)(TrialJanitor).options(
+        name=name, lifetime="detached").remote(ray.get_runtime_context().current_actor)
+    actor.watch.remote()
+    return actor, name, namespace
+
+
+def register_worker_group(spec: dict[str, Any]) -> None:
+    """On a Train worker of a Tune trial: hand this worker group's placement group to the
+    trial's janitor (best effort; see TrialJanitor)."""
+    if not spec.get("janitor"):
+        return
+    try:
+        import ray
+
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:
+            janitor = ray.get_actor(spec["janitor"], namespace=spec.get("janitor_namespace"))
+            ray.get(janitor.register.remote(pg), timeout=60)
+    except Exception as e:  # noqa: BLE001
+        print(f"[derta.tune] worker group not registered for cleanup: {e}", flush=True)
+
+
 def run_trial(config: dict[str, Any], ctx: dict[str, Any], datasets: dict[str, Any] | None = None) -> None:
     """One Tune trial: base config + sampled point -> data -> a full Ray Train run whose loop
     reports the proxy objective to Tune (via Train's TuneReportCallback)."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from derta.tracking import TrackingHandle
     from derta.train.trainer import train
@@ -312,12 +403,14 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any], datasets: dict[str, A
     for k, v in (ctx.get("env") or {}).items():
         os.environ.setdefault(k, v)
     trial_id = tune.get_context().get_trial_id()
+    _T0 = time.time(); print("TT start", time.time(), flush=True)
     cfg = apply_params(ExperimentConfig.model_validate(ctx["experiment"]), config)
     tpaths = trial_paths(ctx["run_dir"], trial_id)
     storage.write_text(tpaths.config, dump_yaml(cfg.redacted()))
     run_id = trial_run(ctx.get("tracking"), trial_id, config, tags={"run_dir": tpaths.dir})
     t = ctx.get("tracking") or {}
     handle = TrackingHandle(t["tracking_uri"], t["experiment"], run_id) if run_id else None
+    print("TT after mlflow", time.time()-_T0, flush=True)
     if datasets is None:  # this trial's point changes the samples: its own data build
         from derta.data import pipeline as DP
 
@@ -330,8 +423,16 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any], datasets: dict[str, A
                     tr.log_metrics(manifest.metrics())
             except Exception as e:  # noqa: BLE001
                 log.warning("MLflow: data metrics not logged: %s", e)
-    result = train(cfg, tpaths, handle, datasets=datasets, callbacks=[TuneReportCallback()], proxy=ctx["proxy"],
-                   export=bool(ctx.get("export")))
+    print("TT before janitor", time.time()-_T0, flush=True)
+    janitor, name, namespace = _start_janitor(trial_id)
+    print("TT after janitor", time.time()-_T0, flush=True)
+    proxy = {**ctx["proxy"], "janitor": name, "janitor_namespace": namespace}
+    try:
+        result = train(cfg, tpaths, handle, datasets=datasets, callbacks=[_report_callback()], proxy=proxy,
+                       export=bool(ctx.get("export")))
+    finally:
+        janitor.release.remote()  # Train shut its workers down itself (or failed and did)
+    print("TT after train", time.time()-_T0, flush=True)
     storage.write_json(storage.join(tpaths.dir, DONE_FILE), {
         "trial_id": trial_id, "steps": result.steps, "model_dir": tpaths.model if ctx.get("export") else None,
         "metrics": result.final_metrics})  # fmt: skip
@@ -340,14 +441,16 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any], datasets: dict[str, A
 
 
 # --------------------------------------------------------------------------- the search
-def _searcher(cfg: ExperimentConfig, seed: int):
+def _searcher(cfg: ExperimentConfig, seed: int, max_concurrent: int):
+    """Optuna (TPE, a Searcher: Tune limits its concurrency) or seeded random sampling (a
+    SearchAlgorithm, which takes the concurrency limit itself)."""
     if cfg.tune.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
 def _scheduler(cfg: ExperimentConfig):
@@ -456,7 +559,8 @@ def run_tune(cfg: ExperimentConfig) -> TuneSummary:
                 param_space=to_tune(dims),
                 tune_config=tune.TuneConfig(
                     metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
-                    search_alg=_searcher(cfg, seed), scheduler=_scheduler(cfg), max_concurrent_trials=n_conc,
+                    search_alg=_searcher(cfg, seed, n_conc), scheduler=_scheduler(cfg),
+                    max_concurrent_trials=None if cfg.tune.search_alg == "random" else n_conc,
                     trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=tune.RunConfig(
