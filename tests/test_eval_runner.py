@@ -164,7 +164,7 @@ def test_judge_stages_without_ray(tiny_model_dir):
     out = judge_batch_fn(dict(batch), EvalConfig().model_dump(mode="json"), None)
     rows = [json.loads(r) for r in out["row"]]
     assert rows[0]["unsafe"] is False and rows[0]["refusal_pos"] == 0 and rows[0]["judge"] == "refusal"
-    assert rows[1]["score"] == 1.0 and rows[1]["unsafe"] is None
+    assert rows[1]["score"] == rows[1]["token_f1"] > 0.5 and rows[1]["unsafe"] is None
     udf = JudgeUDF(EvalConfig(judge="llm", judge_model=tiny_model_dir, engine="hf").model_dump(mode="json"), None)
     rows = [json.loads(r) for r in udf(dict(batch))["row"]]
     assert rows[0]["judge"] == "llm" and isinstance(rows[0]["unsafe_refusal"], bool)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -39,29 +38,36 @@ def _llama(vocab: int, hidden: int, layers: int, seed: int = 0):
     return LlamaForCausalLM(cfg).float().train()
 
 
-def _batch(vocab: int, B: int, L: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Half the rows helpful (MLE on the second half), half RTO (refusal target on the second half)."""
+def _batch(vocab: int, B: int, L: int, seed: int = 0, dense: bool = False) -> dict[str, torch.Tensor]:
+    """Half the rows helpful (MLE), half RTO (refusal target), on the second half of each row
+    (a prompt, then a response), or on every position when dense."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (B, L), generator=g)
     labels = torch.full((B, L), -100)
     rto = torch.zeros(B, L, dtype=torch.bool)
+    start = 1 if dense else L // 2
     for b in range(B):
         if b % 2 == 0:
-            labels[b, L // 2:] = ids[b, L // 2:]
+            labels[b, start:] = ids[b, start:]
         else:
-            rto[b, L // 2:] = True
+            rto[b, start:] = True
     return {"input_ids": ids, "labels": labels, "rto_mask": rto, "position_ids": torch.arange(L).repeat(B, 1)}
 
 
-def _time(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
+def _compare(fns: dict, warmup: int, iters: int) -> dict[str, float]:
+    """Seconds per call of each fn: round-robin (A, B, C, A, B, C, ...) and the minimum per fn,
+    so load from other processes on a shared machine hits every variant alike and mostly
+    drops out."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t)
+    return {k: min(v) for k, v in ts.items()}
 
 
 # --------------------------------------------------------------------------- 1. step time
@@ -70,25 +76,27 @@ def bench_step_time(quick: bool) -> dict:
 
     vocab, hidden, layers, B, L = (32000, 256, 4, 4, 512) if not quick else (8000, 128, 2, 2, 256)
     model = _llama(vocab, hidden, layers)
-    batch = _batch(vocab, B, L)
-    sft_labels = batch["labels"].clone()
-    sft_labels[batch["rto_mask"]] = 7  # the same number of target positions, as plain CE
+    w, n = (2, 5) if quick else (3, 8)
+    res = {"shape": f"vocab {vocab}, hidden {hidden}, {layers} layers, batch {B}x{L}"}
+    for dense in (False, True):
+        batch = _batch(vocab, B, L, dense=dense)
+        sft_labels = batch["labels"].clone()
+        sft_labels[batch["rto_mask"]] = 7  # the same target positions, as one plain CE
 
-    def sft():
-        out = model(input_ids=batch["input_ids"], labels=sft_labels, use_cache=False)
-        out.loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def derta(chunk):
-        def f():
-            derta_loss(model, batch, refusal_id=7, chunk_size=chunk).loss.backward()
+        def sft():
+            out = model(input_ids=batch["input_ids"], labels=sft_labels, use_cache=False)
+            out.loss.backward()
             model.zero_grad(set_to_none=True)
-        return f
 
-    w, n = (2, 5) if quick else (3, 10)
-    res = {"shape": f"vocab {vocab}, hidden {hidden}, {layers} layers, batch {B}x{L}", "sft_s": _time(sft, w, n)}
-    for chunk in (256, 1024, 4096):
-        res[f"derta_chunk{chunk}_s"] = _time(derta(chunk), w, n)
+        def derta(chunk):
+            def f():
+                derta_loss(model, batch, refusal_id=7, chunk_size=chunk).loss.backward()
+                model.zero_grad(set_to_none=True)
+            return f
+
+        tag = "dense" if dense else "responses"
+        times = _compare({"sft_s": sft, "derta_chunk256_s": derta(256), "derta_chunk1024_s": derta(1024)}, w, n)
+        res.update({f"{tag}.{k}": v for k, v in times.items()})
     return res
 
 
@@ -135,7 +143,10 @@ def bench_memory(quick: bool) -> dict:
     out = {"shape": f"vocab {vocab}, length {L}, batch 2, hidden {hidden}, 1 layer, float32"}
     for variant, chunk in [("naive", 0), ("chunked", 1024), ("chunked", 256), ("chunked", 64)]:
         cmd = [sys.executable, __file__, "--memory-child", variant, str(vocab), str(L), str(hidden), str(chunk)]
-        text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        # Large blocks straight from mmap, so RSS follows live memory (glibc would otherwise
+        # keep freed ~32 MB chunks in its heap and the peak would measure fragmentation).
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        text = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
         out[f"{variant}{chunk or ''}_mib"] = json.loads(text)["peak_growth_mib"]
     out["fp32_logits_one_copy_mib"] = 2 * L * vocab * 4 / 2**20
     return out
@@ -156,20 +167,21 @@ def bench_packing(quick: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).train()
     sorry = refusal_token_id(tok)
     samples = demo_samples(tok, 48, 48)
-    res = {}
+    res, fns = {}, {}
     for packing in (False, True):
         rows = to_rows(samples, 512, tok.pad_token_id, packing=packing)
         ids = torch.tensor([r["input_ids"] for r in rows])
-        real = int((ids != tok.pad_token_id).sum())
+        name = "packed" if packing else "padded"
+        res[name] = {"rows": len(rows), "real_tokens": int((ids != tok.pad_token_id).sum())}
         batches = [{k: torch.tensor([r[k] for r in rows[i:i + 8]]) for k in rows[0]} for i in range(0, len(rows), 8)]
 
-        def epoch():
+        def epoch(batches=batches):
             for b in batches:
                 derta_loss(model, b, refusal_id=sorry, chunk_size=1024).loss.backward()
                 model.zero_grad(set_to_none=True)
-        dt = _time(epoch, 1, 2 if quick else 3)
-        res["packed" if packing else "padded"] = {"rows": len(rows), "real_tokens": real, "epoch_s": dt,
-                                                  "real_tokens_per_s": real / dt}
+        fns[name] = epoch
+    for name, dt in _compare(fns, 1, 2 if quick else 4).items():
+        res[name].update(epoch_s=dt, real_tokens_per_s=res[name]["real_tokens"] / dt)
     return res
 
 
@@ -190,8 +202,9 @@ def main() -> None:
     st, mem, pk = results["step_time"], results["memory"], results["packing"]
     print("\n| benchmark | result |\n|---|---|")
     for k, v in st.items():
-        if k.endswith("_s") and k != "sft_s":
-            print(f"| step time {k} / sft ({st['shape']}) | {v:.3f}s / {st['sft_s']:.3f}s = {v / st['sft_s']:.3f} |")
+        if k.endswith("_s") and ".derta" in k:
+            base = st[k.split(".")[0] + ".sft_s"]
+            print(f"| step time {k} vs SFT CE ({st['shape']}) | {v:.3f}s / {base:.3f}s = {v / base:.3f} |")
     for k, v in mem.items():
         if k.endswith("_mib"):
             print(f"| peak memory {k} ({mem['shape']}) | {v:.0f} MiB |")

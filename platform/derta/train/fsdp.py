@@ -138,12 +138,15 @@ def wrap(root: nn.Module, lm: nn.Module, fcfg: FsdpConfig, *, use_gpu: bool, dev
          param_dtype: torch.dtype = torch.bfloat16, init: RankZeroInit | None = None) -> tuple[nn.Module, Mode]:
     """Shard `root` for data-parallel training; returns (module, mode).
 
-    FSDP2 when train.fsdp.enabled; DDP when disabled or when fully_shard fails on this
-    combination (logged); unwrapped with a single process. With `init`, root is on the meta
+    FSDP2 when train.fsdp.enabled (also with one worker); DDP when disabled or when
+    fully_shard fails on this combination (logged); unwrapped without a process group or
+    with one worker and FSDP disabled. With `init`, root is on the meta
     device and its weights come from rank 0 (see RankZeroInit).
     """
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if fcfg.enabled and distributed:
+    initialized = dist.is_available() and dist.is_initialized()
+    distributed = initialized and dist.get_world_size() > 1
+    # FSDP2 also on a single worker: that is where bf16 mixed precision comes from on one GPU.
+    if fcfg.enabled and initialized:
         try:
             sharded = shard_fsdp2(root, lm, fcfg, use_gpu, param_dtype)
         except Exception as e:  # pragma: no cover - depends on torch build / backend

@@ -147,7 +147,6 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     from derta.train.loop import step_plan
 
     ensure_ray(cfg)
-    import time as _t; _T0=_t.time()
     tc = cfg.train
     stages = plan_stages(cfg)
     ds_map: dict[str, Any] = {}
@@ -226,9 +225,7 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
         datasets=ds_map,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
     )
-    print("TT trainer before fit", _t.time()-_T0, flush=True)
     result = trainer.fit()
-    print("TT trainer after fit", _t.time()-_T0, flush=True)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     steps = int(metrics.get("step", sum(p.total_steps for p in plans)))
     if export:

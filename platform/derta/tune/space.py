@@ -60,8 +60,24 @@ def default_space(cfg: ExperimentConfig) -> dict[str, SearchDim]:
     return space
 
 
+OBJECTIVES = {"proxy_score": "max", "transition_mean": "max", "transition_min": "max", "helpful_nll": "min"}
+
+
+def check_objective(cfg: ExperimentConfig) -> None:
+    """tune.metric must be one the training loop reports with every result (the proxy
+    metrics, derta.tune.proxy), optimised in its own direction."""
+    metric, mode = cfg.tune.metric, cfg.tune.mode
+    if metric not in OBJECTIVES:
+        raise ConfigError(f"tune.metric: {metric!r} is not reported with every Tune result; "
+                          f"use one of {', '.join(OBJECTIVES)}")
+    if mode != OBJECTIVES[metric]:
+        raise ConfigError(f"tune.mode: {metric} is better when {'higher' if OBJECTIVES[metric] == 'max' else 'lower'}; "
+                          f"set tune.mode: {OBJECTIVES[metric]}")
+
+
 def space_dims(cfg: ExperimentConfig) -> dict[str, SearchDim]:
     """tune.space, or the default space when it is empty; validated (ConfigError)."""
+    check_objective(cfg)
     dims = dict(cfg.tune.space) or default_space(cfg)
     for key, dim in dims.items():
         check_dim(cfg, key, dim)

@@ -14,8 +14,11 @@ Shape (the Ray Train V2 pattern; `Tuner(trainer)` is deprecated):
 * Concurrency: tune.max_concurrent_trials, else what the cluster holds: every concurrent
   trial's workers (CPU and GPU) plus its driver, with one CPU left for Ray Data tasks.
 * Data: trials that search no data.* key share the base run's samples (built once under
-  <run>/data, materialized once in the object store when small); trials that do build their
-  own under <run>/trials/<trial id>/data.
+  <run>/data, training rows materialized once in the object store when small); trials that
+  do build their own under <run>/trials/<trial id>/data.
+* Early stopping frees resources at once: ASHA kills the trial actor, Ray Train's workers
+  go with it, and a small detached janitor per trial (TrialJanitor) releases their placement
+  group, which Train's own cleaner does only when the Ray dashboard (state API) is up.
 * Resume: Tune's state lives at <run>/tune/search (local or s3://). Running `derta tune`
   again with the same storage.run_name restores it (Tuner.restore): finished trials are
   kept, unfinished ones restart (from their last Train checkpoint when
@@ -32,13 +35,14 @@ Shape (the Ray Train V2 pattern; `Tuner(trainer)` is deprecated):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from derta import storage
 from derta.config import ConfigError, ExperimentConfig, dump_yaml
@@ -206,9 +210,10 @@ def prepare_proxy(cfg: ExperimentConfig, paths: RunPaths, tune_dir: str, base_bu
     return {"every": report_every(cfg), "batch_size": cfg.train.micro_batch, **ps.to_dict()}
 
 
-def shared_datasets(cfg: ExperimentConfig, paths: RunPaths, manifest) -> dict[str, Any]:
-    """Training rows of the base config per trainer stage, for trials that do not change the
-    data: materialized once (object store) when small, so no trial re-runs the pipeline."""
+def training_datasets(cfg: ExperimentConfig, paths: RunPaths, manifest) -> dict[str, Any]:
+    """Training rows per trainer stage, materialized (object store) when small, so that the
+    pipeline (read, shuffle, pack) runs once instead of once for the trainer's row count and
+    again for ingest. Built once for all trials that keep the base data, else per trial."""
     from derta.data.pipeline import training_dataset
     from derta.train.trainer import plan_stages
 
@@ -262,8 +267,9 @@ def _tune_callback_cls():
     from ray.tune import Callback
 
     class TrialTracking(Callback):
-        """Driver side: closes each trial's nested MLflow run with its outcome (the trial's
-        actor may have been killed by ASHA before it could)."""
+        """Driver side, when a trial ends: removes the resume state of a trial ASHA stopped
+        (it will never resume) and closes its nested MLflow run with the outcome (the trial's
+        actor may have been killed before it could)."""
 
         def __init__(self, tracking: dict[str, Any] | None, run_dir: str, metric: str):
             self.tracking = tracking
@@ -277,10 +283,16 @@ def _tune_callback_cls():
             self._finish(trial, "FAILED")
 
         def _finish(self, trial, status: str) -> None:
+            tpaths = trial_paths(self.run_dir, trial.trial_id)
+            completed = storage.exists_file(storage.join(tpaths.dir, DONE_FILE))
+            if not completed and status == "FINISHED":
+                try:
+                    storage.delete(tpaths.checkpoints)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("trial %s: checkpoints not removed: %s", trial.trial_id, e)
             if not self.tracking:
                 return
             try:
-                completed = storage.exists_file(storage.join(trial_paths(self.run_dir, trial.trial_id).dir, DONE_FILE))
                 run_id = trial_run(self.tracking, trial.trial_id, trial.config)
                 if run_id is None:
                     return
@@ -403,14 +415,12 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any], datasets: dict[str, A
     for k, v in (ctx.get("env") or {}).items():
         os.environ.setdefault(k, v)
     trial_id = tune.get_context().get_trial_id()
-    _T0 = time.time(); print("TT start", time.time(), flush=True)
     cfg = apply_params(ExperimentConfig.model_validate(ctx["experiment"]), config)
     tpaths = trial_paths(ctx["run_dir"], trial_id)
     storage.write_text(tpaths.config, dump_yaml(cfg.redacted()))
     run_id = trial_run(ctx.get("tracking"), trial_id, config, tags={"run_dir": tpaths.dir})
     t = ctx.get("tracking") or {}
     handle = TrackingHandle(t["tracking_uri"], t["experiment"], run_id) if run_id else None
-    print("TT after mlflow", time.time()-_T0, flush=True)
     if datasets is None:  # this trial's point changes the samples: its own data build
         from derta.data import pipeline as DP
 
@@ -423,16 +433,14 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any], datasets: dict[str, A
                     tr.log_metrics(manifest.metrics())
             except Exception as e:  # noqa: BLE001
                 log.warning("MLflow: data metrics not logged: %s", e)
-    print("TT before janitor", time.time()-_T0, flush=True)
+        datasets = training_datasets(cfg, tpaths, manifest)
     janitor, name, namespace = _start_janitor(trial_id)
-    print("TT after janitor", time.time()-_T0, flush=True)
     proxy = {**ctx["proxy"], "janitor": name, "janitor_namespace": namespace}
     try:
         result = train(cfg, tpaths, handle, datasets=datasets, callbacks=[_report_callback()], proxy=proxy,
                        export=bool(ctx.get("export")))
     finally:
         janitor.release.remote()  # Train shut its workers down itself (or failed and did)
-    print("TT after train", time.time()-_T0, flush=True)
     storage.write_json(storage.join(tpaths.dir, DONE_FILE), {
         "trial_id": trial_id, "steps": result.steps, "model_dir": tpaths.model if ctx.get("export") else None,
         "metrics": result.final_metrics})  # fmt: skip
@@ -466,27 +474,40 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _open_parent(cfg: ExperimentConfig, paths: RunPaths, tune_dir: str) -> tuple[Any, str | None]:
-    """The tune parent run: the one a previous session of this search opened, else a new one."""
+@contextlib.contextmanager
+def _parent_run(cfg: ExperimentConfig, paths: RunPaths, tune_dir: str) -> Iterator[tuple[Any, str | None, dict[str, str]]]:
+    """The tune parent run for the block: the one a previous session of this search opened
+    (reopened), else a new one. Yields (tracker, run id | None, outcome): the block sets
+    outcome["status"] (FINISHED, or KILLED for an interrupted search); FAILED if it raises."""
     from derta.pipeline import _tags, make_tracker
 
     tracker = make_tracker(cfg)
-    state_uri = storage.join(tune_dir, "state.json")
-    state = storage.read_json(state_uri) if storage.exists_file(state_uri) else {}
-    run_id = state.get("parent_run_id")
+    outcome = {"status": "FAILED"}
     if not tracker.enabled:
-        return tracker, None
+        yield tracker, None, outcome
+        return
+    state_uri = storage.join(tune_dir, "state.json")
+    run_id = (storage.read_json(state_uri) if storage.exists_file(state_uri) else {}).get("parent_run_id")
     if run_id:
         try:
             tracker.client.update_run(run_id, status="RUNNING")
-            tracker._stack.append(run_id)  # log_* go to it until end_run
-            return tracker, run_id
-        except Exception as e:  # noqa: BLE001 - e.g. a different tracking store now: start afresh
+        except Exception as e:  # noqa: BLE001 - e.g. another tracking store now: start afresh
             log.warning("MLflow: parent run %s not reopened (%s); starting a new one", run_id, e)
-    run_id = tracker.start_run(f"{paths.name}-tune", tags={**_tags(cfg), "verb": "tune", "run_dir": paths.dir})
-    tracker.log_params(cfg.redacted())
-    storage.write_json(state_uri, {"parent_run_id": run_id, "tracking_uri": tracker.tracking_uri})
-    return tracker, run_id
+            run_id = None
+    if not run_id:
+        run_id = tracker.client.create_run(tracker.experiment_id, run_name=f"{paths.name}-tune").info.run_id
+        storage.write_json(state_uri, {"parent_run_id": run_id, "tracking_uri": tracker.tracking_uri})
+        with tracker.attach(run_id):
+            tracker.set_tags({**_tags(cfg), "verb": "tune", "run_dir": paths.dir})
+            tracker.log_params(cfg.redacted())
+    try:
+        with tracker.attach(run_id):
+            yield tracker, run_id, outcome
+    finally:
+        try:
+            tracker.client.set_terminated(run_id, status=outcome["status"])
+        except Exception as e:  # noqa: BLE001
+            log.warning("MLflow: tune run not closed: %s", e)
 
 
 def _trial_rows(results, run_dir: str) -> list[dict[str, Any]]:
@@ -508,8 +529,26 @@ def _trial_rows(results, run_dir: str) -> list[dict[str, Any]]:
     return rows
 
 
-def run_tune(cfg: ExperimentConfig) -> TuneSummary:
-    """`derta tune`: search, then write and print the best config (see the module doc)."""
+def _fit(tuner):
+    """Tuner.fit, leaving the process's SIGINT handler as it found it (Tune installs its own
+    to stop a search cleanly on Ctrl+C and does not put the previous one back)."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return tuner.fit()
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
+def run_tune(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TuneSummary:
+    """`derta tune`: search, then write and print the best config (see the module doc).
+
+    callbacks: extra ray.tune Callbacks for a new search (progress hooks, tests); a restored
+    search keeps the callbacks it was started with (Tune stores them with its state)."""
     from ray import tune
 
     from derta.cluster import ensure_ray
@@ -529,13 +568,11 @@ def run_tune(cfg: ExperimentConfig) -> TuneSummary:
     import ray
 
     storage.write_text(paths.config, dump_yaml(cfg.redacted()))
-    tracker, parent = _open_parent(cfg, paths, tune_dir)
-    status = "FAILED"
-    try:
+    with _parent_run(cfg, paths, tune_dir) as (tracker, parent, outcome):
         shares = not changes_data(dims)
         manifest = _ensure_base_data(cfg, paths) if shares else None
         proxy = prepare_proxy(cfg, paths, tune_dir, base_built=shares)
-        datasets = shared_datasets(cfg, paths, manifest) if shares else None
+        datasets = training_datasets(cfg, paths, manifest) if shares else None
         run_dir = paths.dir if storage.is_s3(paths.dir) else os.path.abspath(paths.dir)
         tracking = ({"tracking_uri": tracker.tracking_uri, "experiment": tracker.experiment, "parent_run_id": parent}
                     if parent else None)
@@ -565,28 +602,22 @@ def run_tune(cfg: ExperimentConfig) -> TuneSummary:
                 ),
                 run_config=tune.RunConfig(
                     name=EXPERIMENT, storage_path=storage_path, storage_filesystem=fs,
-                    callbacks=[_tune_callback_cls()(tracking, run_dir, cfg.tune.metric)],
+                    callbacks=[_tune_callback_cls()(tracking, run_dir, cfg.tune.metric), *(callbacks or [])],
                     failure_config=tune.FailureConfig(max_failures=0), verbose=1,
                 ),
             )  # fmt: skip
         console.print(f"up to {n_conc} trial(s) at a time; each: {cfg.train.workers} worker(s), "
                       f"proxy every {proxy['every']} step(s) on {len(proxy['safety'])} safety + "
                       f"{len(proxy['helpful'])} helpful held-out samples")
-        results = tuner.fit()
+        results = _fit(tuner)
         rows = _trial_rows(results, run_dir)
         summary = TuneSummary(paths, exp_path, parent, rows, restored=restored)
         summary.interrupted = results.num_terminated + results.num_errors < cfg.tune.num_samples
         _finish(cfg, summary, tracker, tune_dir)
         summary.seconds = time.perf_counter() - t0
-        status = "KILLED" if summary.interrupted else "FINISHED"
-        print_summary(cfg, summary)
-        return summary
-    finally:
-        if parent:
-            try:
-                tracker.end_run(status)
-            except Exception as e:  # noqa: BLE001
-                log.warning("MLflow: tune run not closed: %s", e)
+        outcome["status"] = "KILLED" if summary.interrupted else "FINISHED"
+    print_summary(cfg, summary)
+    return summary
 
 
 def _finish(cfg: ExperimentConfig, s: TuneSummary, tracker: Any, tune_dir: str) -> None:
@@ -646,26 +677,32 @@ def _full_eval(cfg: ExperimentConfig, s: TuneSummary, tracker: Any, top: list[di
         r["eval"] = _headline(res.metrics)
 
 
+def _short(key: str) -> str:
+    return key.split(".", 1)[1] if key.count(".") > 1 else key.rsplit(".", 1)[-1]
+
+
 def print_summary(cfg: ExperimentConfig, s: TuneSummary) -> None:
     from rich.table import Table
 
     from derta.pipeline import console
 
     metric = cfg.tune.metric
+    evals = any(r.get("eval") for r in s.trials)
     table = Table(title=f"derta tune: {s.paths.name}")
-    for col in ("rank", "trial", "status", "steps", metric, "transition_mean", "transition_min", "helpful_nll", "params"):
-        table.add_column(col)
+    for col in ("rank", "trial", "status", "steps", metric, *(["ASR mean"] if evals else []), "params"):
+        table.add_column(col, overflow="fold")
     for r in s.trials:
         m = r["metrics"]
-        fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"  # noqa: E731
-        table.add_row(str(r["rank"]), r["trial_id"], r["status"], str(r["steps"]), fmt(metric), fmt("transition_mean"),
-                      fmt("transition_min"), fmt("helpful_nll"),
-                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(r["params"].items())))
+        asr = [f"{r['eval']['asr_mean']:.1f}" if (r.get("eval") or {}).get("asr_mean") is not None else "-"] if evals else []
+        params = ", ".join(f"{_short(k)}={v:.3g}" if isinstance(v, float) else f"{_short(k)}={v}" for k, v in sorted(r["params"].items()))
+        table.add_row(str(r["rank"]), r["trial_id"], r["status"], str(r["steps"]), f"{m[metric]:.4f}" if metric in m else "-",
+                      *asr, params)
     console.print(table)
     if s.interrupted:
         console.print(f"[yellow]search interrupted: {len(s.trials)} of {cfg.tune.num_samples} trial(s) have results. "
                       f"Run the same `derta tune` again (storage.run_name={s.paths.name}) to resume it.")
     if s.best_config_path:
         console.print(f"best config ({s.best['trial_id']}, {metric} = {s.best['metrics'][metric]:.4f}): {s.best_config_path}")
-        console.print(storage.read_text(s.best_config_path))
-    console.print(f"Tune experiment: {s.experiment_path}   ({s.seconds:.0f}s)")
+        console.print(storage.read_text(s.best_config_path), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"all trials: {storage.join(s.paths.dir, 'tune', 'trials.json')}   Tune experiment: {s.experiment_path}   "
+                  f"({s.seconds:.0f}s)")
