@@ -320,6 +320,10 @@ def _reserved_groups(ray) -> list[str]:
     return [pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] not in ("REMOVED",)]
 
 
+def _janitors(ray) -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("derta-tune-janitor")]
+
+
 def _tune_cfg(root: str, model: str):
     return validate_config({
         "model": {"name_or_path": model},
@@ -373,9 +377,9 @@ def test_tune_asha_best_config_mlflow_and_restore(ray_local, tiny_model_dir, tmp
         assert not os.path.exists(trial_paths(second.paths.dir, r["trial_id"]).checkpoints)
     # Stopped trials' worker groups were released (the janitor: no dashboard on this cluster).
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _reserved_groups(ray_local):
+    while time.monotonic() < deadline and (_reserved_groups(ray_local) or _janitors(ray_local)):
         time.sleep(1)
-    assert not _reserved_groups(ray_local)
+    assert not _reserved_groups(ray_local) and not _janitors(ray_local)  # and the janitors are gone too
 
     # The best trial (the only one that learned: lr 3e-3) and its config, as YAML, printed.
     assert second.best["params"]["train.lr"] == 3e-3 and second.best["completed"]

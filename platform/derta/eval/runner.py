@@ -227,11 +227,20 @@ def generate_and_judge(
     else:
         ds = ds.map_batches(judge_batch_fn, fn_kwargs=judge_kwargs, batch_size=e.batch_size, num_cpus=1,
                             batch_format="numpy")
+    from derta import telemetry
+
     total, done, t0 = len(records), 0, time.monotonic()
+    last = t0
     for batch in ds.iter_batches(batch_size=e.batch_size, batch_format="numpy"):
         rows = [json.loads(str(x)) for x in batch["row"]]
         writer.add(rows)
         done += len(rows)
+        now = time.monotonic()
+        for attack in sorted({str(r.get("attack")) for r in rows}):
+            n = sum(str(r.get("attack")) == attack for r in rows)
+            telemetry.record_generations(attack, n, seconds=(now - last) * n / len(rows))
+        telemetry.record_judged_rows(rows)
+        last = now
         rate = done / max(1e-9, time.monotonic() - t0)
         log.info("eval: %d/%d prompts generated and judged (%.1f/s)", done, total, rate)
     return done

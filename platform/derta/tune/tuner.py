@@ -352,12 +352,15 @@ class TrialJanitor:
     def watch(self) -> int:
         """Runs until the trial actor is gone or released the janitor; returns groups removed."""
         import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.util.placement_group import remove_placement_group
 
         while not self.released:
             try:
                 ray.get(self.trial.__ray_ready__.remote())
-            except Exception:  # noqa: BLE001 - RayActorError and friends: the trial is gone
+            except ActorUnavailableError:  # restarting or unreachable for a moment: ask again
+                pass
+            except RayActorError:  # the trial actor is gone
                 break
             time.sleep(1.0)
         removed = 0
