@@ -22,11 +22,12 @@ FAST = [
 
 def test_derta_run_end_to_end(tmp_path):
     root = tmp_path / "runs"
-    args = [sys.executable, "-m", "derta.cli", "run", "--set", f"storage.root={root}"]
+    # A relative storage root, as in the demo config: workers and actors must get absolute paths.
+    args = [sys.executable, "-m", "derta.cli", "run", "--set", "storage.root=runs"]
     for item in FAST:
         args += ["--set", item]
     env = {**os.environ, "DERTA_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     run = root / "e2e"

@@ -1,6 +1,6 @@
 """FSDP2 on 2 CPU processes over gloo, without Ray: rank-0 weight broadcast into meta-device
 shards, and exact distributed loss normalisation (the sharded gradient of two half-batches
-equals the single-process gradient of the whole batch)."""
+equals the single-process gradient of the whole batch, through the fused head)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
 
     from derta.config import FsdpConfig
     from derta.train import fsdp
-    from derta.train.losses import Denominators, DertaObjective, build_targets, combine
+    from derta.train.losses import DertaObjective, LossSpec, build_targets
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -63,10 +63,11 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
         t = build_targets(half)
         counts = torch.tensor([t.n_mle, t.n_rto], dtype=torch.float64)
         dist.all_reduce(counts)
-        out = combine(model(half, t, 7, 5), t, transition="rto", w_mle=1.0, w_rto=0.5,
-                      denom=Denominators(float(counts[0]), float(counts[1])))
-        (out.loss * 2).backward()
-        loss = out.loss.detach().clone()
+        # What the training loop does: the fused head inside the FSDP root's forward.
+        spec = LossSpec("rto", 1.0, 0.5, 0.1, float(counts[0]), float(counts[1]))
+        loss, _ = model(half, t, 7, 5, spec=spec)
+        (loss * 2).backward()  # FSDP averages gradients over the 2 ranks
+        loss = loss.detach().clone()
         dist.all_reduce(loss)
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         if rank == 0:

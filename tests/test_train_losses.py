@@ -100,14 +100,22 @@ def test_chunked_equals_naive(lm, ref_lm, transition, chunk_size):
     assert (a.n_mle, a.n_rto) == (b.n_mle, b.n_rto)
 
 
-def test_chunked_gradients_equal_naive(lm):
+@pytest.mark.parametrize("transition", ["rto", "pref", "none"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunked_gradients_equal_naive(lm, ref_lm, transition, fused):
+    """The fused head (gradient computed in forward) and the generic checkpointed chunks both
+    give the naive gradient, for every loss form."""
     m = copy.deepcopy(lm)
     batch = random_batch(m.config.vocab_size)
-    t = build_targets(batch)
-    derta_loss(m, batch, refusal_id=SORRY, chunk_size=6, targets=t).loss.backward()
+    t = build_targets(batch, rto_keep=0.7, seed=1, use_rto=transition != "none")
+    kw = dict(refusal_id=SORRY, transition=transition, w_mle=0.8, w_rto=1.5, beta=0.7, ref_lm=ref_lm, targets=t)
+    a = derta_loss(m, batch, chunk_size=6, fused=fused, **kw)
+    a.loss.backward()
     g_chunked = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
-    naive_loss(m, batch, refusal_id=SORRY, targets=t).loss.backward()
+    b = naive_loss(m, batch, **kw)
+    b.loss.backward()
+    assert float(a.loss) == pytest.approx(float(b.loss), abs=1e-5)
     for n, p in m.named_parameters():
         assert torch.allclose(g_chunked[n], p.grad, atol=1e-5), n
 

@@ -7,8 +7,8 @@ Each stage reads what the previous one stored under the run directory, so every 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
+import functools
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -40,6 +40,9 @@ class RunSummary:
 # --------------------------------------------------------------------------- run setup
 def run_paths(cfg: ExperimentConfig) -> RunPaths:
     """The run's paths; a run without a name gets `<method>-<UTC timestamp>` (set once)."""
+    if not storage.is_s3(cfg.storage.root) and not os.path.isabs(cfg.storage.root):
+        # Ray workers and actors run in other directories: hand them absolute paths.
+        cfg.storage.root = os.path.abspath(cfg.storage.root)
     if cfg.storage.run_name is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         cfg.storage.run_name = f"{cfg.train.method}-{stamp}"

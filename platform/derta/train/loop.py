@@ -31,7 +31,7 @@ from derta import telemetry
 from derta.config import ExperimentConfig
 from derta.train import checkpoint as ckpt
 from derta.train import fsdp
-from derta.train.losses import Denominators, DertaObjective, build_targets, combine
+from derta.train.losses import Denominators, DertaObjective, LossSpec, build_targets, combine
 
 COLUMNS = ("input_ids", "labels", "rto_mask", "position_ids")
 DTYPES = {"input_ids": torch.long, "labels": torch.long, "rto_mask": torch.bool, "position_ids": torch.long}
@@ -325,12 +325,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         ref = (ref_objective or model)(b, t, refusal_id, tc.loss.chunk_size, reference=True)
                 sync = mode != "ddp" or i == len(micro) - 1
                 ctx = model.no_sync() if not sync else _null()
+                spec = LossSpec(stage["transition"], stage["w_mle"], stage["w_rto"], tc.loss.beta, denom.n_mle, denom.n_rto)
                 with ctx:
-                    logps = model(b, t, refusal_id, tc.loss.chunk_size)
+                    loss, logps = model(b, t, refusal_id, tc.loss.chunk_size, spec=spec, ref_logps=ref)
+                    (loss * world).backward()  # FSDP/DDP average gradients over ranks
+                with torch.no_grad():  # the logged terms, from the same log-probs
                     out = combine(logps, t, transition=stage["transition"], w_mle=stage["w_mle"], w_rto=stage["w_rto"],
                                   beta=tc.loss.beta, ref_logps=ref, denom=denom)
-                    (out.loss * world).backward()  # FSDP/DDP average gradients over ranks
-                sums += torch.stack([out.loss.detach(), out.loss_mle, out.loss_rto, out.loss_pref]).to(torch.float64)
+                sums += torch.stack([loss.detach().float(), out.loss_mle, out.loss_rto, out.loss_pref]).to(torch.float64)
                 tok_window += b["input_ids"].numel()
             grad_norm = fsdp.clip_grad_norm(params, tc.grad_clip)
             lr = scheduler.get_last_lr()[0]

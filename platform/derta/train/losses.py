@@ -19,9 +19,12 @@ Normalisation (what each logged number is):
       loss = w_mle · loss_mle + w_rto · (loss_rto | loss_pref)
   A term with no tokens in the batch contributes 0.
 
-Memory: the vocabulary projection + log-softmax run only on positions that carry a target,
-`chunk_size` positions at a time, with a fused backward that rebuilds each chunk's logits, so
-about one [chunk_size, vocab] float32 block is alive at a time in forward and in backward. Full-vocabulary fp32
+Memory and time: the vocabulary projection + log-softmax run only on positions that carry a
+target, `chunk_size` positions at a time. In training the head is fused with its gradient
+(`_FusedHeadLoss`): each chunk's logits become log-probs, the loss and, in place, d loss /
+d logits, which are multiplied out into the gradients of the hidden rows and the head weight
+right away; about one [chunk_size, vocab] float32 block is alive at a time and the head costs
+the three matmuls of plain cross-entropy. Full-vocabulary fp32
 logits for the whole sequence are never built (`naive_loss` does build them; it is the
 reference the tests compare against).
 """
@@ -203,6 +206,104 @@ class Denominators:
     n_rto: float
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """Everything the fused head needs to know about the loss (see `combine` for the math)."""
+
+    transition: Transition
+    w_mle: float
+    w_rto: float
+    beta: float
+    d_mle: float  # denominators: global token counts (or this batch's without accumulation)
+    d_rto: float
+
+
+def _coefficients(lp: Tensor, is_mle: Tensor, is_rto: Tensor, ref: Tensor | None, spec: LossSpec) -> tuple[Tensor, Tensor]:
+    """(loss of these positions, dLoss/dlogp [C, 3]) for log-probs lp [C, 3] (label, sorry, harm)."""
+    coef = torch.zeros_like(lp)
+    loss = lp.new_zeros(())
+    if spec.d_mle:
+        coef[:, 0] = -(spec.w_mle / spec.d_mle) * is_mle
+    if spec.transition == "rto" and spec.d_rto:
+        coef[:, 1] = -(spec.w_rto / spec.d_rto) * is_rto
+    loss = loss + (coef[:, :2] * lp[:, :2]).sum()
+    if spec.transition == "pref" and spec.d_rto:
+        k = (spec.w_rto / spec.d_rto) * is_rto
+        margin = (lp[:, 1] - lp[:, 2]) - (ref[:, 0] - ref[:, 1]).to(lp.dtype)
+        loss = loss - (F.logsigmoid(spec.beta * margin) * k).sum()
+        c = -k * spec.beta * torch.sigmoid(-spec.beta * margin)  # d(−log σ(βm))/dm · k
+        coef[:, 1], coef[:, 2] = c, -c
+    return loss, coef
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The whole head side of the loss in one pass, gradient included: per chunk, logits ->
+    log-probs -> loss -> d loss/d logits (softmax scaled, minus the one-hot targets, in place)
+    -> grad of the hidden rows and of the head weight. Backward only scales the stored
+    gradients by the upstream scalar, so the head costs three matmuls (as plain cross-entropy
+    does) and one [chunk, vocab] float32 buffer at a time. Returns (loss, detached log-probs)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, cols: Tensor, is_mle: Tensor, is_rto: Tensor, ref: Tensor | None,
+                spec: LossSpec, chunk_size: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        lps, loss = [], torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.no_grad():
+            for start in range(0, h.shape[0], chunk_size):
+                sl = slice(start, start + chunk_size)
+                hc, cc = h[sl], cols[sl]
+                # One [C, V] float32 buffer: logits -> exp(logits - max) -> softmax -> d loss/d logits.
+                buf = F.linear(hc, weight).float()
+                picked = buf.gather(1, cc)
+                mx = buf.amax(dim=-1, keepdim=True)
+                total = buf.sub_(mx).exp_().sum(dim=-1, keepdim=True)
+                lp = picked - (mx + total.log())
+                part, coef = _coefficients(lp, is_mle[sl], is_rto[sl], None if ref is None else ref[sl], spec)
+                loss += part
+                lps.append(lp)
+                if need_h or need_w:
+                    g = buf.div_(total)  # softmax
+                    g.mul_(-coef.sum(dim=1, keepdim=True)).scatter_add_(1, cc, coef)
+                    g = g.to(h.dtype)
+                    if need_h:
+                        grad_h[sl] = g @ weight
+                    if need_w:
+                        grad_w.add_(g.t() @ hc)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        lp_all = torch.cat(lps) if lps else h.new_zeros((0, cols.shape[1]), dtype=torch.float32)
+        ctx.mark_non_differentiable(lp_all)
+        return loss, lp_all
+
+    @staticmethod
+    def backward(ctx, g_loss: Tensor, _g_lp: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * g_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * g_loss.to(grad_w.dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None
+
+
+def fused_supported(lm: nn.Module) -> bool:
+    """The fused head handles a plain linear head (Llama, Mistral, Qwen, ...); heads with a
+    bias or logit scaling/softcapping use the generic chunked path."""
+    _, head = decoder_and_head(lm)
+    scale, cap = _logit_transform(getattr(lm, "config", None))
+    return getattr(head, "bias", None) is None and scale is None and cap is None
+
+
+def fused_loss(lm: nn.Module, batch: dict[str, Tensor], t: Targets, refusal_id: int, chunk_size: int, spec: LossSpec,
+               ref_logps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(differentiable loss, detached [N, 3] log-probs) from one body forward + the fused head."""
+    if spec.transition == "pref" and ref_logps is None:
+        raise ValueError("derta_pref needs reference log-probs (ref_logps)")
+    h = hidden_states(lm, batch["input_ids"], batch.get("position_ids"))
+    sel = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, t.flat_idx)
+    _, head = decoder_and_head(lm)
+    return _FusedHeadLoss.apply(sel, head.weight, target_columns(t, refusal_id), t.is_mle.float(), t.is_rto.float(),
+                                ref_logps, spec, chunk_size)
+
+
 @dataclass
 class LossOutput:
     loss: Tensor  # differentiable total: w_mle·mle + w_rto·(rto | pref), normalised by Denominators
@@ -300,14 +401,30 @@ def derta_loss(
     ref_lm: nn.Module | None = None,
     denom: Denominators | None = None,
     targets: Targets | None = None,
+    fused: bool = True,
 ) -> LossOutput:
-    """The DeRTa loss of one micro-batch from a single forward pass (chunked head)."""
+    """The DeRTa loss of one micro-batch from a single forward pass (chunked head; fused
+    head-and-gradient pass unless fused=False or the head needs the generic path)."""
     t = targets or build_targets(batch, rto_keep=rto_keep, seed=seed, use_rto=transition != "none")
-    logps = chunked_logprobs(lm, batch, t, refusal_id, chunk_size)
     ref = None
     if transition == "pref":
         ref = reference_logprobs(ref_lm if ref_lm is not None else lm, batch, t, refusal_id, chunk_size)
-    return combine(logps, t, transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, ref_logps=ref, denom=denom)
+    kw = dict(transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, ref_logps=ref, denom=denom)
+    if fused and fused_supported(lm):
+        spec = loss_spec(t, transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, denom=denom)
+        loss, logps = fused_loss(lm, batch, t, refusal_id, chunk_size, spec, ref)
+        with torch.no_grad():
+            out = combine(logps, t, **kw)
+        out.loss = loss
+        return out
+    return combine(chunked_logprobs(lm, batch, t, refusal_id, chunk_size), t, **kw)
+
+
+def loss_spec(t: Targets, *, transition: Transition, w_mle: float, w_rto: float, beta: float,
+              denom: Denominators | None = None) -> LossSpec:
+    d_mle = float(denom.n_mle) if denom is not None else float(t.n_mle)
+    d_rto = float(denom.n_rto) if denom is not None else float(t.n_rto)
+    return LossSpec(transition, w_mle, w_rto, beta, d_mle, d_rto)
 
 
 def naive_loss(
@@ -354,7 +471,18 @@ class DertaObjective(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, batch: dict[str, Tensor], targets: Targets, refusal_id: int, chunk_size: int, reference: bool = False) -> Tensor:
+    def forward(self, batch: dict[str, Tensor], targets: Targets, refusal_id: int, chunk_size: int, reference: bool = False,
+                spec: LossSpec | None = None, ref_logps: Tensor | None = None):
+        """log-probs [N, 3] (or the reference's [N, 2] with reference=True); with `spec`, the
+        (loss, detached log-probs) of the fused head when the model allows it, else the
+        loss built from the generic chunked log-probs."""
         if reference:
             return reference_logprobs(self.lm, batch, targets, refusal_id, chunk_size)
-        return chunked_logprobs(self.lm, batch, targets, refusal_id, chunk_size)
+        if spec is None:
+            return chunked_logprobs(self.lm, batch, targets, refusal_id, chunk_size)
+        if fused_supported(self.lm):
+            return fused_loss(self.lm, batch, targets, refusal_id, chunk_size, spec, ref_logps)
+        logps = chunked_logprobs(self.lm, batch, targets, refusal_id, chunk_size)
+        out = combine(logps, targets, transition=spec.transition, w_mle=spec.w_mle, w_rto=spec.w_rto, beta=spec.beta,
+                      ref_logps=ref_logps, denom=Denominators(spec.d_mle, spec.d_rto))
+        return out.loss, logps.detach()
