@@ -439,11 +439,12 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any], datasets: dict[str, A
         datasets = training_datasets(cfg, tpaths, manifest)
     janitor, name, namespace = _start_janitor(trial_id)
     proxy = {**ctx["proxy"], "janitor": name, "janitor_namespace": namespace}
-    try:
-        result = train(cfg, tpaths, handle, datasets=datasets, callbacks=[_report_callback()], proxy=proxy,
-                       export=bool(ctx.get("export")))
-    finally:
-        janitor.release.remote()  # Train shut its workers down itself (or failed and did)
+    result = train(cfg, tpaths, handle, datasets=datasets, callbacks=[_report_callback()], proxy=proxy,
+                   export=bool(ctx.get("export")))
+    # Only now: when ASHA stops the trial, fit() raises here as the process is torn down, and
+    # releasing then would beat the janitor to it. After an error the janitor still removes
+    # the group once this actor is gone (a no-op when Train already did).
+    janitor.release.remote()
     storage.write_json(storage.join(tpaths.dir, DONE_FILE), {
         "trial_id": trial_id, "steps": result.steps, "model_dir": tpaths.model if ctx.get("export") else None,
         "metrics": result.final_metrics})  # fmt: skip
