@@ -60,7 +60,10 @@ def step_plan(rows: int, world: int, micro_batch: int, global_batch: int, epochs
     accum = max(1, global_batch // (micro_batch * world))
     micro_per_epoch = (rows // world) // micro_batch
     if micro_per_epoch == 0:
-        raise ValueError(f"{rows} training rows are too few for {world} workers x micro_batch {micro_batch}")
+        from derta.config import ConfigError
+
+        raise ConfigError(f"train.workers / train.micro_batch: {rows} training rows are too few for {world} workers "
+                          f"x micro_batch {micro_batch} (each worker needs at least one full micro-batch)")
     accum = min(accum, micro_per_epoch)  # tiny datasets: at least one step per epoch
     steps_per_epoch = micro_per_epoch // accum
     total = max_steps if max_steps else max(1, math.ceil(epochs * steps_per_epoch))

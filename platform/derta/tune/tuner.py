@@ -345,6 +345,7 @@ class TrialJanitor:
     def register(self, pg: Any) -> None:
         if all(pg.id != g.id for g in self.groups):
             self.groups.append(pg)
+            print(f"[derta.tune] janitor: watching worker group {pg.id.hex()}", flush=True)
 
     def release(self) -> None:
         self.released = True
@@ -369,8 +370,10 @@ class TrialJanitor:
                 try:
                     remove_placement_group(pg)
                     removed += 1
-                except Exception:  # noqa: BLE001 - already removed
-                    pass
+                except Exception as e:  # noqa: BLE001 - already removed
+                    print(f"[derta.tune] janitor: {pg.id.hex()} not removed: {e}", flush=True)
+        print(f"[derta.tune] janitor: trial {'finished' if self.released else 'gone'}, "
+              f"{removed} worker group(s) removed", flush=True)
         try:
             ray.actor.exit_actor()
         except Exception:  # noqa: BLE001
