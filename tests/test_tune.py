@@ -97,6 +97,19 @@ def test_max_concurrent_trials_from_cluster_resources():
     assert max_concurrent(_cfg(tune={"max_concurrent_trials": 5}), {"CPU": 2}) == 5  # explicit wins
 
 
+def test_proxy_runs_where_the_scheduler_decides():
+    from derta.tune.proxy import ProxyHook
+    from derta.tune.tuner import report_schedule
+
+    asha = report_schedule(_cfg(tune={"grace_period": 3, "reduction_factor": 2}))
+    assert asha["every"] == 0 and asha["milestones"][:4] == [3, 6, 12, 24]
+    hook = ProxyHook({**asha, "safety": [], "helpful": []})
+    assert [s for s in range(1, 30) if hook.due(s)] == [3, 6, 12, 24]
+    assert report_schedule(_cfg(tune={"scheduler": "fifo"})) == {"every": 0, "milestones": []}  # the end only
+    fixed = ProxyHook({**report_schedule(_cfg(tune={"report_every": 5})), "safety": [], "helpful": []})
+    assert [s for s in range(1, 16) if fixed.due(s)] == [5, 10, 15]
+
+
 def test_rank_trials_puts_completed_trials_first():
     from derta.tune.tuner import rank_trials
 
@@ -340,4 +353,73 @@ def _tune_cfg(root: str, model: str):
         "storage": {"root": root, "run_name": "search"},
     })  # fmt: skip
 
-# The ASHA + restore search test is being fixed in the tune issue (#7); see its note.
+
+@pytest.mark.slow
+def test_tune_asha_best_config_mlflow_and_restore(ray_local, tiny_model_dir, tmp_path, capsys):
+    from derta import storage
+    from derta.tracking import Tracker
+    from derta.tune.tuner import DONE_FILE, run_tune, trial_paths
+
+    root = str(tmp_path / "runs")
+    marker = str(tmp_path / "interrupted")
+    groups_before = set(_reserved_groups(ray_local))  # other tests' groups are not ours to judge
+    t0 = time.perf_counter()
+    first = run_tune(_tune_cfg(root, tiny_model_dir), callbacks=[InterruptAfter(2, marker)])
+    t1 = time.perf_counter()
+    assert first.interrupted and not first.restored and os.path.exists(marker)
+    ended = [r for r in first.trials if r["status"] in ("completed", "early_stopped")]
+    assert len(ended) == 2, first.trials
+    stopped = [r for r in ended if r["status"] == "early_stopped"]
+    assert len(stopped) == 1 and stopped[0]["params"]["train.lr"] == 1e-7 and stopped[0]["steps"] == 1
+    done = {r["trial_id"]: os.path.getmtime(os.path.join(trial_paths(first.paths.dir, r["trial_id"]).dir, DONE_FILE))
+            for r in ended if r["completed"]}
+    assert len(done) == 1
+
+    second = run_tune(_tune_cfg(root, tiny_model_dir))  # same run name: the saved search is restored
+    t2 = time.perf_counter()
+    with capsys.disabled():
+        print(f"\nsearch: first session {t1 - t0:.0f}s (interrupted after 2 trials), restored session {t2 - t1:.0f}s")
+    assert second.restored and not second.interrupted
+    assert len(second.trials) == 4 and {r["trial_id"] for r in ended} <= {r["trial_id"] for r in second.trials}
+    assert all(r["status"] in ("completed", "early_stopped") for r in second.trials), second.trials
+    by_id = {r["trial_id"]: r for r in second.trials}
+    assert by_id[stopped[0]["trial_id"]]["status"] == "early_stopped"
+    for tid, mtime in done.items():  # finished before the interruption: not run again
+        assert os.path.getmtime(os.path.join(trial_paths(second.paths.dir, tid).dir, DONE_FILE)) == mtime
+    assert all(r["metrics"]["proxy_score"] < 0 for r in second.trials)
+    for r in second.trials:  # a stopped trial never resumes: its resume state is gone
+        assert not os.path.exists(trial_paths(second.paths.dir, r["trial_id"]).checkpoints)
+    # Stopped trials' worker groups were released (the janitor: no dashboard on this cluster).
+    def leftovers():
+        return set(_reserved_groups(ray_local)) - groups_before, _janitors(ray_local)
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(leftovers()):
+        time.sleep(1)
+    assert not any(leftovers()), leftovers()  # no worker group held, and the janitors are gone too
+
+    # The best trial (the only one that learned: lr 3e-3) and its config, as YAML, printed.
+    assert second.best["params"]["train.lr"] == 3e-3 and second.best["completed"]
+    best = load_config(second.best_config_path)
+    assert best.train.lr == 3e-3 and best.train.loss.w_rto == pytest.approx(second.best["params"]["train.loss.w_rto"])
+    assert best.storage.run_name is None and second.best_config_path.endswith("tune/best_config.yaml")
+    assert "best config" in capsys.readouterr().out
+    summary = storage.read_json(storage.join(second.paths.dir, "tune", "trials.json"))
+    assert not summary["interrupted"] and len(summary["trials"]) == 4
+
+    # MLflow: one parent run (verb=tune) with one nested run per trial.
+    tracker = Tracker.for_root(root)
+    client = tracker.client
+    parent = client.get_run(second.parent_run_id)
+    assert parent.data.tags["verb"] == "tune" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_proxy_score"] == pytest.approx(second.best["metrics"]["proxy_score"])
+    assert parent.data.params["best.train.lr"] == "0.003"
+    kids = client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{second.parent_run_id}'")
+    assert sorted(k.data.tags["tune.trial_id"] for k in kids) == sorted(by_id)
+    for k in kids:
+        r = by_id[k.data.tags["tune.trial_id"]]
+        assert k.data.tags["tune.outcome"] == r["status"] and k.info.status == "FINISHED"
+        assert float(k.data.params["tune.train.lr"]) == r["params"]["train.lr"]
+        # rank 0 logged the proxy at every step it reached (a stopped trial may run on a step
+        # while Tune acts on ASHA's decision)
+        assert r["steps"] <= len(client.get_metric_history(k.info.run_id, "proxy_score")) <= 2

@@ -195,8 +195,9 @@ class TuneConfig(Strict):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     top_n_full_eval: int = Field(0, ge=0)
-    # Proxy objective every N optimizer steps (None: every grace_period steps, so every ASHA
-    # rung has a result), on at most proxy_samples held-out safety + helpful samples each.
+    # Proxy objective every N optimizer steps (None: at ASHA's rungs, grace_period ·
+    # reduction_factor^k steps, and at the end), on at most proxy_samples held-out safety +
+    # helpful samples each.
     report_every: int | None = Field(None, ge=1)
     proxy_samples: int = Field(64, ge=1)
     seed: int | None = None  # searcher seed (None: train.seed)
@@ -257,6 +258,30 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, ge=1)  # only for a local cluster
 
 
+# --------------------------------------------------------------------------- experiments
+ARM_NAMES = ("vanilla", "recaug", "rto", "derta")
+
+
+class PositionBiasConfig(Strict):
+    """The science check (derta.experiments.position_bias): a "pretraining" run that makes the
+    base model comply with harmful requests, then one safety-tuning run per arm from that base.
+    model/data/train/eval hold the arms' settings; only the pretraining stage's differ here."""
+
+    arms: list[Literal["vanilla", "recaug", "rto", "derta"]] = list(ARM_NAMES)
+    pretrain_epochs: float = Field(30.0, gt=0)
+    pretrain_lr: float = Field(3e-3, gt=0)
+    heldout_questions: int = Field(80, ge=1)  # prefill questions on topics held out of safety tuning
+    seen_questions: int = Field(80, ge=1)  # ... and on topics safety tuning saw
+    seed: int = 0  # training seed of every stage (data.seed and train.seed); the corpus is fixed
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("needs at least one arm and no repeats")
+        return v
+
+
 class ExperimentConfig(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -266,6 +291,7 @@ class ExperimentConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+    position_bias: PositionBiasConfig | None = None  # only the science check reads it
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

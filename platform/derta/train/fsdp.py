@@ -124,7 +124,7 @@ def _materialize_fsdp2(root: nn.Module, init: RankZeroInit, device: torch.device
     _broadcast_buffers(root, init)
 
 
-def _materialize_local(root: nn.Module, init: RankZeroInit, device: torch.device) -> None:
+def materialize_local(root: nn.Module, init: RankZeroInit, device: torch.device) -> None:
     """Before DDP: real tensors everywhere, rank 0's values (DDP then broadcasts rank 0's
     parameters and buffers at construction)."""
     root.to_empty(device=device)
@@ -157,7 +157,7 @@ def wrap(root: nn.Module, lm: nn.Module, fcfg: FsdpConfig, *, use_gpu: bool, dev
                 _materialize_fsdp2(sharded, init, device)
             return sharded, "fsdp2"
     if init is not None:
-        _materialize_local(root, init, device)
+        materialize_local(root, init, device)
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -174,27 +174,22 @@ def _maybe_kill(fault: dict | None, rank: int, global_step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-# --------------------------------------------------------------------------- the loop
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. config: {"experiment": cfg.to_dict(), "stages": [...],
-    "checkpoint_root": str, "model_uri": str, "tracking": {...} | None, "fault": {...} | None,
-    "resume_from": str | None}. See trainer.py for how it is built."""
-    import ray.train
+# --------------------------------------------------------------------------- building blocks
+@dataclass
+class Models:
+    model: torch.nn.Module  # the (sharded) DertaObjective being trained
+    mode: str  # fsdp2 | ddp | none
+    ref: torch.nn.Module | None  # frozen reference for derta_pref with full fine-tuning
+    n_params: int  # of the base model, for MFU
+    base_path: str  # local HF directory of the base model
 
-    for k, v in (config.get("env") or {}).items():
-        os.environ[k] = v  # the driver's cache / object store / tracking settings win
-    cfg = ExperimentConfig.model_validate(config["experiment"])
+
+def build_models(cfg: ExperimentConfig, stages: list[dict], rank: int, world: int, device: torch.device) -> Models:
+    """Load (rank 0) or lay out on meta (others), add LoRA and activation checkpointing, wrap
+    in DertaObjective, shard; plus the frozen reference when a stage needs one."""
+    from derta.models import apply_lora, load_model, resolve_model_path, torch_dtype
+
     tc = cfg.train
-    rank, world = _rank_world()
-    device = torch.device("cpu")
-    if tc.use_gpu and torch.cuda.is_available():
-        device = ray.train.torch.get_device()
-        torch.cuda.set_device(device)
-
-    from derta.models import apply_lora, load_model, load_tokenizer, refusal_token_id, resolve_model_path, torch_dtype
-
-    tokenizer = load_tokenizer(cfg.model)
-    refusal_id = refusal_token_id(tokenizer, tc.refusal_token, tc.refusal_token_fallback)
     compute_dtype = torch_dtype(cfg.model.dtype, tc.use_gpu)
     lora = cfg.model.lora is not None
     # Full fine-tuning with FSDP mixed precision keeps float32 master weights (compute is
@@ -214,7 +209,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank != 0:
             lm = fsdp.meta_model(base_path, torch_dtype(master.dtype, tc.use_gpu), cfg.model.trust_remote_code, attn[0])
     n_params = sum(p.numel() for p in lm.parameters())
-    stages = config["stages"]
     if lora:
         lm = apply_lora(lm, cfg.model.lora)
     if tc.fsdp.activation_checkpointing:
@@ -240,13 +234,64 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ref_objective, _ = fsdp.wrap(ref_objective, ref_objective.lm, tc.fsdp, init=ref_init, **wrap_kw)
         else:
             if ref_init is not None:
-                fsdp._materialize_local(ref_objective, ref_init, device)
+                fsdp.materialize_local(ref_objective, ref_init, device)
                 for p in ref_objective.parameters():
                     dist.broadcast(p.data, src=0)
                 for b in ref_objective.buffers():
                     dist.broadcast(b, src=0)
             ref_objective = ref_objective.to(device)
-    del init, ref_init
+    return Models(model, mode, ref_objective, n_params, base_path)
+
+
+def resume_point(resume: str, resume_from: str | None) -> tuple[str | None, str | None]:
+    """(local checkpoint directory to resume from or None, temp dir to delete afterwards).
+
+    Ray's latest checkpoint of this run (a worker-group retry, or a new `train()` on the same
+    run directory) wins; else the newest one the driver found under paths.checkpoints."""
+    import ray.train
+
+    from derta import storage
+
+    if resume != "auto":
+        return None, None
+    ray_ckpt = ray.train.get_checkpoint()
+    if ray_ckpt is not None:
+        tmp = tempfile.mkdtemp(prefix="derta-resume-")
+        ray_ckpt.to_directory(tmp)
+        return tmp, tmp
+    if resume_from and storage.is_s3(resume_from):
+        tmp = tempfile.mkdtemp(prefix="derta-resume-")
+        storage.download_dir(resume_from, tmp)
+        return tmp, tmp
+    return resume_from or None, None
+
+
+# --------------------------------------------------------------------------- the loop
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. config (built by trainer.train): experiment (cfg.to_dict()),
+    stages, model_uri, run_name, tracking (handle dict | None), fault (test hook | None),
+    resume_from (checkpoint URI | None), env (settings for this process), proxy (Tune's
+    proxy objective | None), export (bool)."""
+    import ray.train
+
+    for k, v in (config.get("env") or {}).items():
+        os.environ[k] = v  # the driver's cache / object store / tracking settings win
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    tc = cfg.train
+    rank, world = _rank_world()
+    device = torch.device("cpu")
+    if tc.use_gpu and torch.cuda.is_available():
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+
+    from derta.models import load_tokenizer, refusal_token_id, torch_dtype
+
+    tokenizer = load_tokenizer(cfg.model)
+    refusal_id = refusal_token_id(tokenizer, tc.refusal_token, tc.refusal_token_fallback)
+    stages = config["stages"]
+    lora = cfg.model.lora is not None
+    built = build_models(cfg, stages, rank, world, device)
+    model, mode, ref_objective, n_params, base_path = built.model, built.mode, built.ref, built.n_params, built.base_path
     params = [p for p in model.parameters() if p.requires_grad]
     peak = _peak_flops(device)
 
@@ -262,29 +307,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
               f"refusal token id {refusal_id}", flush=True)
 
     # ------------------------------------------------------------- resume point
-    resume_dir, state = None, ckpt.TrainState()
-    ray_ckpt = ray.train.get_checkpoint()
-    tmp_resume = None
-    if tc.resume == "auto":
-        if ray_ckpt is not None:
-            tmp_resume = tempfile.mkdtemp(prefix="derta-resume-")
-            ray_ckpt.to_directory(tmp_resume)
-            resume_dir = tmp_resume
-        elif config.get("resume_from"):
-            from derta import storage
-
-            src = config["resume_from"]
-            if storage.is_s3(src):
-                tmp_resume = tempfile.mkdtemp(prefix="derta-resume-")
-                storage.download_dir(src, tmp_resume)
-                resume_dir = tmp_resume
-            else:
-                resume_dir = src
-    if resume_dir:
-        state = ckpt.read_state(resume_dir)
-        if rank == 0:
-            print(f"[derta.train] resuming from stage {state.stage} step {state.step} (epoch {state.epoch}, "
-                  f"micro-batch {state.offset})", flush=True)
+    resume_dir, tmp_resume = resume_point(tc.resume, config.get("resume_from"))
+    state = ckpt.read_state(resume_dir) if resume_dir else ckpt.TrainState()
+    if resume_dir and rank == 0:
+        print(f"[derta.train] resuming from stage {state.stage} step {state.step} (epoch {state.epoch}, "
+              f"micro-batch {state.offset})", flush=True)
 
     fault = config.get("fault")
     final_metrics: dict[str, float] = {}

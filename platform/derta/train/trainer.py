@@ -70,6 +70,9 @@ WORKER_ENV = ("DERTA_CACHE", "DERTA_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOIN
               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI")
 
 
+STATIC_CREDENTIAL_SOURCES = {"env", "explicit", "shared-credentials-file", "config-file"}
+
+
 def _storage_fs(uri: str):
     """(pyarrow filesystem | None, path) for Ray's checkpoint storage. For s3 the credentials
     the driver resolved are put into the filesystem object itself, so workers whose process
@@ -81,7 +84,9 @@ def _storage_fs(uri: str):
     from pyarrow import fs as pafs
 
     creds = boto3.session.Session().get_credentials()
-    if creds is None:
+    # Only static keys are embedded; role / SSO credentials expire, and pyarrow's own chain
+    # refreshes them on each node.
+    if creds is None or getattr(creds, "method", None) not in STATIC_CREDENTIAL_SOURCES:
         return fs, path
     frozen = creds.get_frozen_credentials()
     kwargs: dict[str, Any] = {"access_key": frozen.access_key, "secret_key": frozen.secret_key,
@@ -138,7 +143,6 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     (Ray Train callbacks, e.g. Tune's report callback), `proxy` (the held-out proxy objective,
     evaluated and reported by the loop) and `export=False` when no model directory is needed.
     """
-    import ray.train
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

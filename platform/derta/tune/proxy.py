@@ -204,15 +204,18 @@ def evaluate(model: Any, safety: Sequence[dict[str, Tensor]], helpful: Sequence[
 # --------------------------------------------------------------------------- training-loop hook
 class ProxyHook:
     """What train/loop.py calls during a Tune trial: the proxy every `every` optimizer steps
-    (and at every checkpoint report, so every result Tune sees carries the metric).
+    and at the `milestones` steps (ASHA's rungs), and at every checkpoint report and the end,
+    so every result Tune sees carries the metric.
 
-    spec (train_loop_config["proxy"]): {"every": int, "batch_size": int, **ProxySet.to_dict()}.
+    spec (train_loop_config["proxy"]): {"every": int (0: none), "milestones": [int],
+    "batch_size": int, **ProxySet.to_dict()}.
     """
 
     def __init__(self, spec: dict[str, Any], device: torch.device | None = None):
         ps = ProxySet.from_dict(spec)
         bs = int(spec.get("batch_size") or 8)
-        self.every = max(1, int(spec.get("every") or 1))
+        self.every = int(spec.get("every") or 0)
+        self.milestones = {int(m) for m in spec.get("milestones") or ()}
         self.device = device
         self.safety = make_batches(ps.safety, bs, ps.pad_id) if ps.safety else []
         self.helpful = make_batches(ps.helpful, bs, ps.pad_id) if ps.helpful else []
@@ -224,7 +227,7 @@ class ProxyHook:
             register_worker_group(spec)
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0
+        return bool(self.every and step % self.every == 0) or step in self.milestones
 
     def __call__(self, model: Any, refusal_id: int, chunk_size: int, step: int) -> dict[str, float]:
         """Collective: every rank calls it at the same steps. Cached per step."""

@@ -5,8 +5,9 @@ Shape (the Ray Train V2 pattern; `Tuner(trainer)` is deprecated):
     Tuner(trial driver fn)  ─ one trial per sampled point, at most N at a time
       └─ trial driver (a Tune actor, 0.5 CPU): config = base + point, data, MLflow child run
            └─ TorchTrainer.fit()   its own controller + `train.workers` workers (FSDP)
-                └─ train loop: every tune.report_every steps the proxy objective on held-out
-                   data (derta.tune.proxy) -> ray.train.report -> TuneReportCallback -> Tune
+                └─ train loop: at ASHA's rungs (or every tune.report_every steps) the proxy
+                   objective on held-out data (derta.tune.proxy) -> ray.train.report ->
+                   TuneReportCallback -> Tune
 
 * Scheduler: ASHA on the optimizer step (time_attr "step"): a trial below the rung's top
   1/reduction_factor at grace_period * rf^k steps is stopped; FIFO runs all to the end.
@@ -58,6 +59,7 @@ DATA_CPU_HEADROOM = 1.0  # CPUs kept free for Ray Data tasks (builds and trainin
 ASHA_MAX_T = 10**7  # steps; trials end on their own (stop_last_trials=False)
 SHARE_MATERIALIZE_MAX_BYTES = 2 * 1024**3  # shared training rows above this stay lazy
 DONE_FILE = "tune_done.json"  # written by a trial that trained to the end
+JANITOR_FILE = "tune_janitor.json"  # name of the trial's janitor actor (see TrialJanitor)
 
 
 @dataclass
@@ -98,8 +100,20 @@ def max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
     return max(1, min(n, cfg.tune.num_samples))
 
 
-def report_every(cfg: ExperimentConfig) -> int:
-    return cfg.tune.report_every or cfg.tune.grace_period
+def report_schedule(cfg: ExperimentConfig) -> dict[str, Any]:
+    """When trials evaluate the proxy (a forward pass over the held-out set): every
+    tune.report_every steps when set; else exactly at ASHA's rungs (grace_period ·
+    reduction_factor^k steps), where its decisions are made; FIFO needs only the end. The
+    end of every stage (and every checkpoint) reports anyway."""
+    if cfg.tune.report_every:
+        return {"every": cfg.tune.report_every, "milestones": []}
+    if cfg.tune.scheduler != "asha":
+        return {"every": 0, "milestones": []}
+    rungs, t = [], cfg.tune.grace_period
+    while t <= ASHA_MAX_T:
+        rungs.append(t)
+        t *= cfg.tune.reduction_factor
+    return {"every": 0, "milestones": rungs}
 
 
 def rank_trials(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
@@ -207,7 +221,7 @@ def prepare_proxy(cfg: ExperimentConfig, paths: RunPaths, tune_dir: str, base_bu
         if not ps.safety:
             raise ConfigError(f"tune: no held-out safety triple fits data.max_len={cfg.data.max_len}")
         storage.write_json(cache, ps.to_dict())
-    return {"every": report_every(cfg), "batch_size": cfg.train.micro_batch, **ps.to_dict()}
+    return {**report_schedule(cfg), "batch_size": cfg.train.micro_batch, **ps.to_dict()}
 
 
 def training_datasets(cfg: ExperimentConfig, paths: RunPaths, manifest) -> dict[str, Any]:
@@ -285,6 +299,8 @@ def _tune_callback_cls():
         def _finish(self, trial, status: str) -> None:
             tpaths = trial_paths(self.run_dir, trial.trial_id)
             completed = storage.exists_file(storage.join(tpaths.dir, DONE_FILE))
+            if not completed:
+                _stop_worker_group(tpaths)
             if not completed and status == "FINISHED":
                 try:
                     storage.delete(tpaths.checkpoints)
@@ -350,6 +366,22 @@ class TrialJanitor:
     def release(self) -> None:
         self.released = True
 
+    def remove_now(self) -> int:
+        """The trial is being stopped (ASHA, Ctrl+C): end its Train run at once by removing its
+        worker group (the workers die, fit() returns, the trial actor can exit)."""
+        from ray.util.placement_group import remove_placement_group
+
+        removed = 0
+        for pg in self.groups:
+            try:
+                remove_placement_group(pg)
+                removed += 1
+            except Exception:  # noqa: BLE001 - already removed
+                pass
+        self.groups = []
+        print(f"[derta.tune] janitor: trial stopped, {removed} worker group(s) removed", flush=True)
+        return removed
+
     def watch(self) -> int:
         """Runs until the trial actor is gone or released the janitor; returns groups removed."""
         import ray
@@ -394,6 +426,20 @@ def _start_janitor(trial_id: str) -> tuple[Any, str, str]:
     return actor, name, namespace
 
 
+def _stop_worker_group(tpaths: RunPaths) -> None:
+    """Driver side, when Tune ended a trial that did not finish training (ASHA stopped it):
+    have its janitor end the Train run now (see _on_tune_stop for why it would linger)."""
+    uri = storage.join(tpaths.dir, JANITOR_FILE)
+    try:
+        if storage.exists_file(uri):
+            import ray
+
+            j = storage.read_json(uri)
+            ray.get_actor(j["name"], namespace=j.get("namespace")).remove_now.remote()
+    except Exception:  # noqa: BLE001 - the janitor is gone: nothing left to release
+        pass
+
+
 def register_worker_group(spec: dict[str, Any]) -> None:
     """On a Train worker of a Tune trial: hand this worker group's placement group to the
     trial's janitor (best effort; see TrialJanitor)."""
@@ -408,6 +454,35 @@ def register_worker_group(spec: dict[str, Any]) -> None:
             ray.get(janitor.register.remote(pg), timeout=60)
     except Exception as e:  # noqa: BLE001
         print(f"[derta.tune] worker group not registered for cleanup: {e}", flush=True)
+
+
+def _on_tune_stop(action) -> Any:
+    """Run `action` once Tune asks this trial to stop; returns the stop event (None when it
+    cannot be found). Tune stops a function trial by setting its session's stop event and
+    then waits (up to TUNE_FORCE_TRIAL_CLEANUP_S, 600 s) for the function to return, which a
+    trial blocked in TorchTrainer.fit() never does by itself: its workers would keep their
+    CPUs/GPUs for ten minutes after ASHA stopped it. (The session is Ray-internal: without it
+    the janitor still frees the group when the actor is finally killed.)"""
+    import threading
+
+    try:
+        from ray.train._internal.session import get_session
+
+        event = get_session().stop_event
+    except Exception:  # noqa: BLE001
+        return None
+    if not isinstance(event, threading.Event):
+        return None
+
+    def watch() -> None:
+        event.wait()
+        try:
+            action()
+        except Exception:  # noqa: BLE001
+            pass
+
+    threading.Thread(target=watch, name="derta-tune-stop", daemon=True).start()
+    return event
 
 
 def run_trial(config: dict[str, Any], ctx: dict[str, Any], datasets: dict[str, Any] | None = None) -> None:
@@ -441,12 +516,20 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any], datasets: dict[str, A
                 log.warning("MLflow: data metrics not logged: %s", e)
         datasets = training_datasets(cfg, tpaths, manifest)
     janitor, name, namespace = _start_janitor(trial_id)
+    storage.write_json(storage.join(tpaths.dir, JANITOR_FILE), {"name": name, "namespace": namespace})
     proxy = {**ctx["proxy"], "janitor": name, "janitor_namespace": namespace}
-    result = train(cfg, tpaths, handle, datasets=datasets, callbacks=[_report_callback()], proxy=proxy,
-                   export=bool(ctx.get("export")))
-    # Only now: when ASHA stops the trial, fit() raises here as the process is torn down, and
-    # releasing then would beat the janitor to it. After an error the janitor still removes
-    # the group once this actor is gone (a no-op when Train already did).
+    finished = False
+    stopping = _on_tune_stop(lambda: None if finished else janitor.remove_now.remote())
+    try:
+        result = train(cfg, tpaths, handle, datasets=datasets, callbacks=[_report_callback()], proxy=proxy,
+                       export=bool(ctx.get("export")))
+    except Exception:
+        if stopping is not None and stopping.is_set():
+            return  # stopped by Tune (ASHA, Ctrl+C): the Train run was ended on purpose
+        raise  # the janitor removes the group once this actor is gone (a no-op when Train did)
+    finished = True
+    # Released only now: were the trial being torn down, fit() would have raised above, and a
+    # release then would beat the janitor to it.
     janitor.release.remote()
     storage.write_json(storage.join(tpaths.dir, DONE_FILE), {
         "trial_id": trial_id, "steps": result.steps, "model_dir": tpaths.model if ctx.get("export") else None,
@@ -613,9 +696,10 @@ def run_tune(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TuneS
                     failure_config=tune.FailureConfig(max_failures=0), verbose=1,
                 ),
             )  # fmt: skip
-        console.print(f"up to {n_conc} trial(s) at a time; each: {cfg.train.workers} worker(s), "
-                      f"proxy every {proxy['every']} step(s) on {len(proxy['safety'])} safety + "
-                      f"{len(proxy['helpful'])} helpful held-out samples")
+        when = (f"every {proxy['every']} steps" if proxy["every"] else
+                f"at steps {', '.join(map(str, proxy['milestones'][:4]))}, ..." if proxy["milestones"] else "at the end")
+        console.print(f"up to {n_conc} trial(s) at a time; each: {cfg.train.workers} worker(s), proxy {when} "
+                      f"on {len(proxy['safety'])} safety + {len(proxy['helpful'])} helpful held-out samples")
         results = _fit(tuner)
         rows = _trial_rows(results, run_dir)
         summary = TuneSummary(paths, exp_path, parent, rows, restored=restored)
