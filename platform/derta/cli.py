@@ -11,13 +11,13 @@ import sys
 import traceback
 from typing import Callable
 
-from derta.config import ConfigError, ExperimentConfig, load_config
+from derta.config import PRESET_CONFIGS, ConfigError, ExperimentConfig, load_config
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
     p.add_argument("--config", "-c", required=config_required, help="experiment YAML (default: the built-in demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.lr=1e-4 storage.root=./runs (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         sub = verbs.add_parser(name, help=text)
         _common(sub)
+        if name == "run":
+            sub.add_argument("--preset", choices=sorted(PRESET_CONFIGS), default="demo",
+                             help="demo: one pipeline run; position_bias: the science check (pretraining + the "
+                                  "four arms of the paper's Table 4, refusal positions of its Fig. 4)")
         if name == "report":
             sub.add_argument("--all", dest="all_runs", action="store_true",
                              help="one page comparing every run of the experiment (default when storage.run_name is unset)")
@@ -74,6 +78,11 @@ def _cmd_eval(cfg: ExperimentConfig, args) -> None:
 
 
 def _cmd_run(cfg: ExperimentConfig, args) -> None:
+    if args.preset == "position_bias":
+        from derta.experiments.position_bias import run_position_bias
+
+        run_position_bias(cfg)
+        return
     from derta.pipeline import run_all
 
     run_all(cfg)
@@ -107,7 +116,7 @@ COMMANDS: dict[str, Callable] = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config or PRESET_CONFIGS.get(getattr(args, "preset", "demo")), args.overrides)
         COMMANDS[args.verb](cfg, args)
     except ConfigError as e:
         print(f"derta: error: {e}", file=sys.stderr)

@@ -45,6 +45,11 @@ class TinySpec:
     seed: int = 0
 
 
+# builtin:tiny is the demo's and the tests' model; builtin:small has room for the science check
+# (a base that complies and a safety tuning that changes only where the model refuses).
+BUILTIN_SPECS = {BUILTIN_TINY: TinySpec(), "builtin:small": TinySpec(hidden_size=128, intermediate_size=384)}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DERTA_CACHE", Path.home() / ".cache" / "derta"))
 
@@ -128,13 +133,13 @@ def resolve_model_path(name_or_path: str) -> str:
     of a cluster builds the same weights); s3://... -> a local copy; HF ids and local dirs pass
     through unchanged.
     """
-    if name_or_path == BUILTIN_TINY:
-        path = cache_dir() / "builtin" / f"tiny-{TINY_VERSION}"
+    if name_or_path in BUILTIN_SPECS:
+        path = cache_dir() / "builtin" / f"{name_or_path.split(':', 1)[1]}-{TINY_VERSION}"
         if not (path / "config.json").exists():
-            build_tiny_model(path)
+            build_tiny_model(path, BUILTIN_SPECS[name_or_path])
         return str(path)
     if name_or_path.startswith("builtin:"):
-        raise ConfigError(f"model.name_or_path: unknown builtin model {name_or_path!r} (known: {BUILTIN_TINY})")
+        raise ConfigError(f"model.name_or_path: unknown builtin model {name_or_path!r} (known: {', '.join(BUILTIN_SPECS)})")
     if name_or_path.startswith("s3://"):
         from derta.storage import local_copy
 

@@ -76,10 +76,14 @@ def _tags(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _parent_run(cfg: ExperimentConfig, paths: RunPaths, verb: str) -> Iterator[tuple[Tracker, str | None]]:
-    tracker = make_tracker(cfg)
+def _parent_run(cfg: ExperimentConfig, paths: RunPaths, verb: str, parent_run_id: str | None = None,
+                tracker: Tracker | None = None) -> Iterator[tuple[Tracker, str | None]]:
+    """The run that holds a verb's stages (nested under parent_run_id when an experiment runs
+    several): the config is written to the run directory and logged as params."""
+    tracker = tracker or make_tracker(cfg)
     storage.write_text(paths.config, dump_yaml(cfg.redacted()))
-    with tracker.run(paths.name, tags={**_tags(cfg), "verb": verb, "run_dir": paths.dir}) as run_id:
+    with tracker.run(paths.name, parent_run_id=parent_run_id,
+                     tags={**_tags(cfg), "verb": verb, "run_dir": paths.dir}) as run_id:
         tracker.log_params(cfg.redacted())
         tracker.log_artifact(paths.config)
         yield tracker, run_id
@@ -203,6 +207,23 @@ def trained_model_dir(cfg: ExperimentConfig, paths: RunPaths) -> str:
 
 
 # --------------------------------------------------------------------------- verbs
+def run_stages(cfg: ExperimentConfig, paths: RunPaths, tracker: Tracker, parent: str | None, *,
+               evaluate: bool = True) -> RunSummary:
+    """data -> train -> eval, each a run nested under `parent`; the headline metrics go on
+    `parent`. The body of `derta run`, and of each arm of an experiment."""
+    summary = RunSummary(paths, tracker.tracking_uri, parent)
+    with _stage(tracker, parent, "data", summary.timings, cfg) as h:
+        _build(cfg, paths, h)
+    with _stage(tracker, parent, "train", summary.timings, cfg) as h:
+        summary.model_dir = _train(cfg, paths, h)
+    if evaluate:
+        with _stage(tracker, parent, "eval", summary.timings, cfg) as h:
+            summary.metrics = _eval(cfg, paths, summary.model_dir, h)
+        with tracker.attach(parent):
+            tracker.log_metrics(_headline(summary.metrics))
+    return summary
+
+
 def run_all(cfg: ExperimentConfig) -> RunSummary:
     """`derta run`: build data, train, evaluate, report; print results and where they are."""
     t0 = time.perf_counter()
@@ -210,17 +231,8 @@ def run_all(cfg: ExperimentConfig) -> RunSummary:
     console.print(f"[bold]DeRTa run[/bold] {paths.name}  method={cfg.train.method}  model={cfg.model.name_or_path}")
     console.print(f"run directory: {paths.dir}")
     ensure_ray(cfg)
-    summary = RunSummary(paths, make_tracker(cfg).tracking_uri, None)
     with _parent_run(cfg, paths, "run") as (tracker, parent):
-        summary.parent_run_id = parent
-        with _stage(tracker, parent, "data", summary.timings, cfg) as h:
-            _build(cfg, paths, h)
-        with _stage(tracker, parent, "train", summary.timings, cfg) as h:
-            summary.model_dir = _train(cfg, paths, h)
-        with _stage(tracker, parent, "eval", summary.timings, cfg) as h:
-            summary.metrics = _eval(cfg, paths, summary.model_dir, h)
-        with tracker.attach(parent):
-            tracker.log_metrics(_headline(summary.metrics))
+        summary = run_stages(cfg, paths, tracker, parent)
         _report(cfg, paths, tracker, parent)
         _experiment_report(cfg, tracker)
         summary.timings["total"] = time.perf_counter() - t0

@@ -17,7 +17,6 @@ import pyarrow as pa
 from derta import storage
 from derta.config import ExperimentConfig
 from derta.data import prefix as P
-from derta.data import sources as S
 from derta.data.transitions import Sample
 
 MANIFEST_VERSION = 1
@@ -172,7 +171,7 @@ def sample_sink_cls():
 
         def __init__(self, shard_dir: str):
             self.shard_dir = shard_dir
-            self.fs, self.fs_dir = S.task_fs(shard_dir)  # built in the driver, used by the tasks
+            self.fs, self.fs_dir = storage.pyarrow_fs(shard_dir, embed_credentials=True)  # built in the driver, used by the tasks
             self.results: list[dict] = []
             storage.makedirs(shard_dir)
 

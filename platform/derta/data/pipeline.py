@@ -273,7 +273,7 @@ def samples_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str, 
             f"(fingerprint {manifest.fingerprint} != {data_fingerprint(cfg)}); rerun `derta data build`"
         )
     uris = shard_uris(paths, manifest)
-    fs, _ = S.task_fs(uris[0])
+    fs, _ = storage.pyarrow_fs(uris[0], embed_credentials=True)
     files = [storage.pyarrow_fs(s)[1] for s in uris]
     return ray.data.read_parquet(files, filesystem=fs, columns=list(SAMPLE_COLUMNS))
 

@@ -360,33 +360,6 @@ def read_records_local(spec: SourceSpec) -> pa.Table:
     return pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
 
 
-# --------------------------------------------------------------------------- filesystems for tasks
-def task_fs(uri: str) -> tuple[Any, str]:
-    """(filesystem, path) built in the driver for Ray tasks to use (it travels pickled).
-
-    It carries the driver's endpoint override (S3-compatible stores), and, when the driver has
-    static keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, those keys too, so workers reach
-    the same store whatever their own environment; without env keys each node uses its own
-    default AWS chain (instance roles, refreshed on the node).
-    """
-    fs, path = storage.pyarrow_fs(uri)
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if fs is None or not (key and secret):
-        return fs, path
-    from pyarrow import fs as pafs
-
-    kwargs: dict[str, Any] = {"region": fs.region, "access_key": key, "secret_key": secret}
-    if os.environ.get("AWS_SESSION_TOKEN"):
-        kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    endpoint = storage.endpoint_url()
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        if not host:
-            scheme, host = "https", endpoint
-        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-    return pafs.S3FileSystem(**kwargs), path
-
-
 # --------------------------------------------------------------------------- reading with Ray Data
 def _file_datasource_cls():
     from ray.data.datasource import FileBasedDatasource
@@ -422,7 +395,7 @@ def read_records(spec: SourceSpec):
         return ray.data.from_arrow(table).map_batches(
             _normalize_table, batch_format="pyarrow", fn_kwargs={"spec": spec}, zero_copy_batch=True
         )
-    fs, _ = task_fs(spec.files[0])
+    fs, _ = storage.pyarrow_fs(spec.files[0], embed_credentials=True)  # built here, used by the read tasks
     paths = [storage.pyarrow_fs(f)[1] for f in spec.files]
     cls = _file_datasource_cls()
     return ray.data.read_datasource(cls(spec, paths, fs))

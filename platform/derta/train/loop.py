@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import shutil
 import signal
 import tempfile
@@ -39,6 +40,13 @@ DTYPES = {"input_ids": torch.long, "labels": torch.long, "rto_mask": torch.bool,
 # Dense bf16 peak FLOP/s per GPU, for MFU (first matching substring of the device name).
 PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12), ("L4", 121e12), ("V100", 125e12)]
 
+
+
+def say(*parts: Any) -> None:
+    """Print a progress line once. Ray Train V2 patches print() into a logger and, when
+    something (MLflow, rich) has wrapped sys.stdout, also tees to the original print, so a
+    plain print shows every line twice; printing to the real stdout takes one path only."""
+    print(*parts, file=sys.__stdout__ or sys.stdout, flush=True)
 
 # --------------------------------------------------------------------------- plans (pure)
 @dataclass(frozen=True)
@@ -145,7 +153,7 @@ class _Tracking:
                 self._ctx = self.tracker.attach(handle["run_id"])
                 self._ctx.__enter__()
             except Exception as e:  # tracking must never kill a training run
-                print(f"[derta.train] MLflow tracking disabled on this worker: {e}", flush=True)
+                say(f"[derta.train] MLflow tracking disabled on this worker: {e}")
                 self.tracker = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -153,7 +161,7 @@ class _Tracking:
             try:
                 self.tracker.log_metrics(metrics, step=step)
             except Exception as e:
-                print(f"[derta.train] MLflow log_metrics failed: {e}", flush=True)
+                say(f"[derta.train] MLflow log_metrics failed: {e}")
 
     def close(self) -> None:
         if self._ctx is not None:
@@ -170,7 +178,7 @@ def _maybe_kill(fault: dict | None, rank: int, global_step: int) -> None:
         return
     with open(marker, "w") as f:
         f.write(str(global_step))
-    print(f"[derta.train] fault injection: killing rank {rank} at step {global_step}", flush=True)
+    say(f"[derta.train] fault injection: killing rank {rank} at step {global_step}")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -302,16 +310,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         proxy = ProxyHook(config["proxy"], device)
     if rank == 0:
-        print(f"[derta.train] {world} worker(s), {mode}, device {device}, params {n_params / 1e6:.1f}M, "
+        say(f"[derta.train] {world} worker(s), {mode}, device {device}, params {n_params / 1e6:.1f}M, "
               f"trainable {sum(p.numel() for p in params) / 1e6:.2f}M, "
-              f"refusal token id {refusal_id}", flush=True)
+              f"refusal token id {refusal_id}")
 
     # ------------------------------------------------------------- resume point
     resume_dir, tmp_resume = resume_point(tc.resume, config.get("resume_from"))
     state = ckpt.read_state(resume_dir) if resume_dir else ckpt.TrainState()
     if resume_dir and rank == 0:
-        print(f"[derta.train] resuming from stage {state.stage} step {state.step} (epoch {state.epoch}, "
-              f"micro-batch {state.offset})", flush=True)
+        say(f"[derta.train] resuming from stage {state.stage} step {state.step} (epoch {state.epoch}, "
+              f"micro-batch {state.offset})")
 
     fault = config.get("fault")
     final_metrics: dict[str, float] = {}
@@ -329,8 +337,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             global_step = st.global_step
             resume_dir = None
         if rank == 0:
-            print(f"[derta.train] stage {si + 1}/{len(stages)} ({stage['name']}): {stage['rows']} rows, "
-                  f"{plan.total_steps} steps, accum {plan.accum}, global batch {plan.global_batch}", flush=True)
+            say(f"[derta.train] stage {si + 1}/{len(stages)} ({stage['name']}): {stage['rows']} rows, "
+                  f"{plan.total_steps} steps, accum {plan.accum}, global batch {plan.global_batch}")
         shard = ray.train.get_dataset_shard(stage["dataset"])
         batches = micro_batches(shard, plan, tc.micro_batch, st.epoch, st.offset)
         t_start, steps_timed, tok_window, t_window, steps_window = time.perf_counter(), 0, 0, time.perf_counter(), 0
@@ -391,10 +399,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0:
                     elapsed = time.perf_counter() - t_start
                     eta = elapsed / steps_timed * (plan.total_steps - st.step)
-                    print(f"[derta.train] step {st.step}/{plan.total_steps} loss {metrics['loss']:.4f} "
+                    say(f"[derta.train] step {st.step}/{plan.total_steps} loss {metrics['loss']:.4f} "
                           f"(mle {metrics['loss_mle']:.4f} rto {metrics['loss_rto']:.4f}"
                           f"{' pref %.4f' % metrics['loss_pref'] if stage['transition'] == 'pref' else ''}) "
-                          f"lr {lr:.2e} gnorm {grad_norm:.3f} {tps:,.0f} tok/s ETA {_fmt_time(eta)}", flush=True)
+                          f"lr {lr:.2e} gnorm {grad_norm:.3f} {tps:,.0f} tok/s ETA {_fmt_time(eta)}")
                     tracking.log(metrics, global_step)
                     telemetry.record_train_step(metrics, step=global_step, steps=steps_window, tokens=float(totals[4]),
                                                 step_seconds=dt / max(1, steps_window), run=config.get("run_name"))
@@ -428,7 +436,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ckpt.export_model(model, config["model_uri"], base_path=base_path, tokenizer=tokenizer,
                           lora_cfg=cfg.model.lora, dtype=export_dtype, base_ref=cfg.model.name_or_path)
         if rank == 0:
-            print(f"[derta.train] exported {config['model_uri']} in {time.perf_counter() - t0:.1f}s", flush=True)
+            say(f"[derta.train] exported {config['model_uri']} in {time.perf_counter() - t0:.1f}s")
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if proxy is not None:  # every report a Tune trial makes carries the proxy metric

@@ -206,6 +206,14 @@ class Denominators:
     n_rto: float
 
 
+def denominators(t: Targets, denom: Denominators | None) -> tuple[float, float]:
+    """(d_mle, d_rto): the global batch's counts when given, else this micro-batch's. One rule
+    for the fused and the generic loss, so both normalise alike."""
+    if denom is not None:
+        return float(denom.n_mle), float(denom.n_rto)
+    return float(t.n_mle), float(t.n_rto)
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """Everything the fused head needs to know about the loss (see `combine` for the math)."""
@@ -297,8 +305,7 @@ def fused_loss(lm: nn.Module, batch: dict[str, Tensor], t: Targets, refusal_id: 
     """(differentiable loss, detached [N, 3] log-probs) from one body forward + the fused head."""
     if spec.transition == "pref" and ref_logps is None:
         raise ValueError("derta_pref needs reference log-probs (ref_logps)")
-    h = hidden_states(lm, batch["input_ids"], batch.get("position_ids"))
-    sel = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, t.flat_idx)
+    sel = target_hidden(lm, batch, t)
     _, head = decoder_and_head(lm)
     return _FusedHeadLoss.apply(sel, head.weight, target_columns(t, refusal_id), t.is_mle.float(), t.is_rto.float(),
                                 ref_logps, spec, chunk_size)
@@ -331,8 +338,7 @@ def combine(
     under the reference model: −log σ(β · (Δθ − Δref)).
     """
     n_mle, n_rto = t.n_mle, t.n_rto
-    d_mle = float(denom.n_mle) if denom is not None else float(n_mle)
-    d_rto = float(denom.n_rto) if denom is not None else float(n_rto)
+    d_mle, d_rto = denominators(t, denom)
     zero = logps.sum() * 0.0 + 0.0  # (+0.0: no "-0.0" in logs) keeps the graph connected even when a term is empty
     mle = -(logps[:, 0] * t.is_mle).sum() / d_mle if n_mle and d_mle else zero
     rto, pref = zero, zero
@@ -362,14 +368,20 @@ def hidden_states(lm: nn.Module, input_ids: Tensor, position_ids: Tensor | None)
     return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
+def target_hidden(lm: nn.Module, batch: dict[str, Tensor], t: Targets) -> Tensor:
+    """[N, H] hidden rows that predict the targets (one body forward); the fused and the generic
+    head must see exactly the same rows, so both take them from here."""
+    h = hidden_states(lm, batch["input_ids"], batch.get("position_ids"))
+    return h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, t.flat_idx)
+
+
 def _model_config(lm: nn.Module):
     return getattr(lm, "config", None)
 
 
 def chunked_logprobs(lm: nn.Module, batch: dict[str, Tensor], t: Targets, refusal_id: int, chunk_size: int) -> Tensor:
     """One forward pass of the body, then the head on the selected positions only: [N, 3]."""
-    h = hidden_states(lm, batch["input_ids"], batch.get("position_ids"))
-    sel = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, t.flat_idx)
+    sel = target_hidden(lm, batch, t)
     _, head = decoder_and_head(lm)
     return position_logprobs(sel, head, target_columns(t, refusal_id), chunk_size, config=_model_config(lm))
 
@@ -422,9 +434,7 @@ def derta_loss(
 
 def loss_spec(t: Targets, *, transition: Transition, w_mle: float, w_rto: float, beta: float,
               denom: Denominators | None = None) -> LossSpec:
-    d_mle = float(denom.n_mle) if denom is not None else float(t.n_mle)
-    d_rto = float(denom.n_rto) if denom is not None else float(t.n_rto)
-    return LossSpec(transition, w_mle, w_rto, beta, d_mle, d_rto)
+    return LossSpec(transition, w_mle, w_rto, beta, *denominators(t, denom))
 
 
 def naive_loss(

@@ -70,38 +70,6 @@ WORKER_ENV = ("DERTA_CACHE", "DERTA_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOIN
               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI")
 
 
-STATIC_CREDENTIAL_SOURCES = {"env", "explicit", "shared-credentials-file", "config-file"}
-
-
-def _storage_fs(uri: str):
-    """(pyarrow filesystem | None, path) for Ray's checkpoint storage. For s3 the credentials
-    the driver resolved are put into the filesystem object itself, so workers whose process
-    environment lacks them (a local cluster started earlier) still reach the store."""
-    fs, path = storage.pyarrow_fs(uri)
-    if fs is None:
-        return fs, path
-    import boto3
-    from pyarrow import fs as pafs
-
-    creds = boto3.session.Session().get_credentials()
-    # Only static keys are embedded; role / SSO credentials expire, and pyarrow's own chain
-    # refreshes them on each node.
-    if creds is None or getattr(creds, "method", None) not in STATIC_CREDENTIAL_SOURCES:
-        return fs, path
-    frozen = creds.get_frozen_credentials()
-    kwargs: dict[str, Any] = {"access_key": frozen.access_key, "secret_key": frozen.secret_key,
-                              "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or storage.DEFAULT_REGION}
-    if frozen.token:
-        kwargs["session_token"] = frozen.token
-    endpoint = storage.endpoint_url()
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        if not host:
-            scheme, host = "https", endpoint
-        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-    return pafs.S3FileSystem(**kwargs), path
-
-
 def _handle_dict(tracking: Any) -> dict | None:
     if tracking is None:
         return None
@@ -177,7 +145,7 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     ckpt_root = paths.checkpoints
     if tc.resume == "never":
         storage.delete(storage.join(ckpt_root, RAY_RUN_NAME))
-    fs, storage_path = _storage_fs(ckpt_root)
+    fs, storage_path = storage.pyarrow_fs(ckpt_root, embed_credentials=True)
     if fs is None:
         storage_path = os.path.abspath(storage_path)
         os.makedirs(storage_path, exist_ok=True)

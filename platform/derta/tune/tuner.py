@@ -643,7 +643,7 @@ def run_tune(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TuneS
 
     from derta.cluster import ensure_ray
     from derta.pipeline import console, run_paths
-    from derta.train.trainer import WORKER_ENV, _storage_fs
+    from derta.train.trainer import WORKER_ENV
 
     t0 = time.perf_counter()
     dims = space_dims(cfg)  # a bad space fails before anything starts
@@ -671,7 +671,7 @@ def run_tune(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TuneS
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets),
                                         {"CPU": TRIAL_DRIVER_CPU})
         n_conc = max_concurrent(cfg, ray.cluster_resources())
-        fs, storage_path = _storage_fs(tune_dir)
+        fs, storage_path = storage.pyarrow_fs(tune_dir, embed_credentials=True)
         exp_path = storage.join(tune_dir, EXPERIMENT)
         restore_path = exp_path if fs is None else f"{storage_path.rstrip('/')}/{EXPERIMENT}"  # a path inside fs
         restored = tune.Tuner.can_restore(restore_path, storage_filesystem=fs)

@@ -1,0 +1,1 @@
+"""Experiments built from several pipeline runs (data -> Ray Train -> eval per arm)."""
