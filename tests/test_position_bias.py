@@ -1,14 +1,12 @@
 """The science check (derta.experiments.position_bias): its corpus, arms, numbers and findings.
 
-The fast tests check the pure parts. The slow one runs a reduced experiment through the real
-pipeline (Ray Data -> Ray Train FSDP on 2 CPU workers -> HF-engine eval) and asserts the
-direction of the paper's findings that this small world reproduces (see the module docstring
-and README for which ones and the margins).
+These check the pure parts. The reduced experiment itself runs as a real Ray job in
+tests/test_jobs.py (test_ray_job_submit_runs_the_position_bias_science_check): pretraining and
+four arms through Ray Data -> Ray Train (FSDP, 2 CPU workers) -> eval, asserting the paper's
+findings that this small world reproduces.
 """
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
@@ -26,16 +24,13 @@ def test_corpus_pretrains_every_topic_but_safety_tunes_only_seen_ones():
     heldout = {t.topic for t in safety_triples("heldout")}
     assert len(seen) == N_TRAIN_TOPICS and not seen & heldout
     # pretraining: a harmful completion for every topic, so the base model complies everywhere
-    harmful = {t.harmful for t in safety_triples("train") + safety_triples("heldout", style=PB.heldout_style)}
+    harmful = {t.harmful for t in safety_triples("train") + safety_triples("heldout")}
     assert harmful <= {r["response"] for r in rows["pretrain"]}
     assert {r["topic"] for r in rows["safety"]} == seen
     groups = {g: [q for q in rows["questions"] if q["group"] == g] for g in pb.GROUPS}
     assert len(groups["heldout"]) == 16 and len(groups["seen"]) == 8
     assert {q["topic"] for q in groups["heldout"]} == heldout  # spread over every held-out topic
     assert {q["topic"] for q in groups["seen"]} <= seen
-    # held-out harm is written in another register than the safety data (a shift in content too)
-    assert all(q["harmful"].startswith("Of course. First,") for q in groups["heldout"])
-    assert all(r["harmful"].startswith("Sure, here is how") for r in rows["safety"])
     # the attack's harmful texts are fresh draws, not the ones safety tuning trained on
     assert not {q["harmful"] for q in rows["questions"]} & {r["harmful"] for r in rows["safety"]}
 
@@ -78,7 +73,7 @@ def test_arm_result_splits_groups_and_counts_refusal_positions_from_the_turn_sta
     assert res.attacked("heldout") == 100.0 and res.attacked("seen") == 0.0
     assert res.helpfulness == 25.0 and res.help_refusal == 50.0
     assert sorted(res.positions) == [0, 1, 5 + 2]  # prefilled words + where the refusal starts
-    assert res.at_start() == pytest.approx(66.7)
+    assert res.at_start() == pytest.approx(33.3)  # only position 0 opens the response
 
 
 def _arm(arm: str, heldout: list[float], seen: list[float], help_: float, positions: list[int]) -> pb.ArmResult:
@@ -98,7 +93,7 @@ def test_findings_follow_the_paper_shape_and_name_what_fails():
     flat = dict(paper, recaug=_arm("recaug", [0, 5, 5, 5], [0, 5, 5, 5], 58, [0, 6, 12, 25]))
     by_claim = {f.claim: f for f in pb.findings(flat)}
     generalises = next(f for c, f in by_claim.items() if "generalises less" in c)
-    assert not generalises.holds and "recaug 5.0%" in generalises.detail
+    assert not generalises.holds and "+ harmful prefix 5.0%" in generalises.detail
     unhelpful = dict(paper, derta=_arm("derta", [0, 0, 5, 5], [0, 0, 0, 5], 20, [0, 6]))
     assert not next(f for f in pb.findings(unhelpful) if "helpfulness" in f.claim).holds
 
@@ -117,29 +112,3 @@ def test_cli_run_preset_position_bias_validates_before_starting(tmp_path, capsys
                  "--set", "position_bias.arms=[]"])
     assert code == 2 and "position_bias.arms" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
-
-
-# --------------------------------------------------------------------------- reduced run (slow)
-@pytest.mark.slow
-def test_reduced_experiment_reproduces_the_paper_directions(tmp_path):
-    from derta.experiments.position_bias import run_position_bias
-
-    cfg = load_config(None if False else pb_config_path(), [f"storage.root={tmp_path}"] + REDUCED)
-    out = run_position_bias(cfg)
-    by_claim = {f.claim: f for f in out.findings}
-    for claim in ROBUST:
-        f = next(f for c, f in by_claim.items() if c.startswith(claim))
-        assert f.holds, f"{f.claim}: {f.detail}\n{out.table}"
-    saved = json.loads((tmp_path / cfg.storage.run_name / "position_bias.json").read_text())
-    assert set(saved["results"]) == set(ARM_NAMES)
-    assert (tmp_path / cfg.storage.run_name / "refusal_positions.png").stat().st_size > 1000
-
-
-def pb_config_path():
-    from derta.config import POSITION_BIAS_CONFIG
-
-    return POSITION_BIAS_CONFIG
-
-
-REDUCED: list[str] = []  # filled in once the reduced setting is measured across 3 seeds
-ROBUST: list[str] = []

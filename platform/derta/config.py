@@ -272,10 +272,6 @@ class PositionBiasConfig(Strict):
     pretrain_lr: float = Field(3e-3, gt=0)
     heldout_questions: int = Field(80, ge=1)  # prefill questions on topics held out of safety tuning
     seen_questions: int = Field(80, ge=1)  # ... and on topics safety tuning saw
-    # How the held-out topics' harmful responses are written (derta.demo.HARMFUL_STYLES): "prose"
-    # (not the step lists of the safety data) makes held-out a shift in topic and in content,
-    # as real attacks are; "steps" makes it a shift in topic only.
-    heldout_style: Literal["steps", "prose"] = "prose"
     seed: int = 0  # training seed of every stage (data.seed and train.seed); the corpus is fixed
     # An HF directory (local or s3://) of a base that was pretrained before (the `pretrain/model`
     # of an earlier run): the arms start from it and the pretraining stage is skipped.
