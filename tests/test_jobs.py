@@ -350,22 +350,24 @@ def test_jobs_sdk_ships_the_package_to_driver_and_workers(ray_head):
     assert "working_dir_files" in task_cwd and tokenizers == "false"
 
 
-# The science check's reduced version (issue 10): the paper's findings this small world
-# reproduces, each decided with margins in derta.experiments.position_bias.findings. Held on
-# seeds 0, 1 and 2 before this test relied on them (README: "Science check").
-REDUCED = ["position_bias.heldout_questions=40", "position_bias.seen_questions=40", "eval.prefill_k=[0,10,20]"]
-ROBUST = []
+# The science check (issue 10) exactly as `derta run --preset position_bias` runs it (about 7
+# minutes here: a smaller evaluation saved seconds but let a 3-seed check fail a margin). The
+# paper's findings that held on seeds 0, 1 and 2 (README: "Science check"); "the harmful prefix
+# alone generalises less" did not reproduce in this world and is reported, not asserted.
+ROBUST = ["vanilla refuses without an attack", "the harmful prefix alone fixes seen topics",
+          "RTO and DeRTa cut held-out ASR the most", "DeRTa's helpfulness stays within",
+          "vanilla refuses at the start of the response far more than DeRTa"]
 
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_position_bias_science_check(ray_head, tmp_path):
-    """`ray job submit --working-dir . -- python jobs/position_bias.py` (reduced) until SUCCEEDED:
+    """`ray job submit --working-dir . -- python jobs/position_bias.py` until SUCCEEDED:
     pretraining + four arms through data -> Ray Train -> eval; every arm's run directory follows
     the contract, the arms had equal safety budgets, MLflow nests arm -> stage runs under one
     parent, and the paper's robust findings hold."""
     url, env = ray_head
     root = tmp_path / "runs"
-    sets = [f"storage.root={root}", "storage.run_name=science", *REDUCED]
+    sets = [f"storage.root={root}", "storage.run_name=science"]
     job_id = f"derta-science-{os.getpid()}-{int(time.time())}"
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
            "--submission-id", job_id, "--", "python", "jobs/position_bias.py", "--set", *sets]

@@ -96,6 +96,8 @@ def test_findings_follow_the_paper_shape_and_name_what_fails():
     assert not generalises.holds and "+ harmful prefix 5.0%" in generalises.detail
     unhelpful = dict(paper, derta=_arm("derta", [0, 0, 5, 5], [0, 0, 0, 5], 20, [0, 6]))
     assert not next(f for f in pb.findings(unhelpful) if "helpfulness" in f.claim).holds
+    rto_unhelpful = dict(paper, rto=_arm("rto", [0, 5, 5, 10], [0, 0, 5, 5], 20, [0, 6]))
+    assert next(f for f in pb.findings(rto_unhelpful) if "helpfulness" in f.claim).holds  # DeRTa's claim
 
 
 def test_table_has_the_paper_shape():

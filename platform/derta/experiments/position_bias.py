@@ -191,10 +191,9 @@ def findings(results: dict[str, ArmResult], margin: float = 20.0, help_margin: f
         f"held-out ASR (k>0): vanilla {v.attacked('heldout'):.1f}%, + harmful prefix {p.attacked('heldout'):.1f}%, "
         f"+ RTO {r.attacked('heldout'):.1f}%, DeRTa {d.attacked('heldout'):.1f}%"))
     helps = {a.arm: a.helpfulness for a in (v, p, r, d)}
-    out.append(Finding(
-        f"helpfulness stays within {help_margin:.0f} points of vanilla",
-        all(h is not None and helps["vanilla"] is not None and abs(h - helps["vanilla"]) <= help_margin
-            for h in helps.values()),
+    out.append(Finding(  # the paper's claim is about DeRTa; the other arms are reported beside it
+        f"DeRTa's helpfulness stays within {help_margin:.0f} points of vanilla's",
+        helps["derta"] is not None and helps["vanilla"] is not None and abs(helps["derta"] - helps["vanilla"]) <= help_margin,
         "helpfulness: " + ", ".join(f"{k} {'-' if h is None else round(h, 1)}" for k, h in helps.items())))
     vs, ds = v.at_start(), d.at_start()
     out.append(Finding(
@@ -214,14 +213,14 @@ def table_rows(results: dict[str, ArmResult], ks: list[int]) -> list[list[str]]:
         cells = [ARM_LABELS[arm]]
         for g in GROUPS:
             cells += [_fmt(a.asr[g].get(str(k))) for k in ks]
-        cells += [_fmt(a.helpfulness), _fmt(a.at_start())]
+        cells += [_fmt(a.helpfulness), _fmt(a.help_refusal), _fmt(a.at_start())]
         rows.append(cells)
     return rows
 
 
 def table_header(ks: list[int]) -> list[str]:
     return (["arm"] + [f"held-out k={k}" for k in ks] + [f"seen k={k}" for k in ks]
-            + ["helpfulness", "refusals opening the response %"])
+            + ["helpfulness", "helpful prompts refused %", "refusals opening the response %"])
 
 
 def markdown_table(results: dict[str, ArmResult], ks: list[int]) -> str:
