@@ -214,7 +214,7 @@ class Head:
         self.url = f"http://127.0.0.1:{ports['dashboard-port']}"
         self.log = temp_dir / "head.log"
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-               "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=0",
+               "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
                "--disable-usage-stats", f"--temp-dir={temp_dir}", *(f"--{k}={v}" for k, v in ports.items())]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
