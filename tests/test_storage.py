@@ -191,3 +191,14 @@ def test_pyarrow_fs_embeds_only_static_keys(s3_bucket, monkeypatch):
     monkeypatch.setattr(storage, "STATIC_CREDENTIAL_SOURCES", set())
     assert storage.pyarrow_fs(s3_bucket + "/d/p.parquet", embed_credentials=True)[0] is plain
     assert storage.pyarrow_fs("/tmp/p.parquet", embed_credentials=True) == (None, "/tmp/p.parquet")
+
+
+def test_read_jsonl_skips_blank_lines_and_names_a_bad_line(tmp_path):
+    from derta import storage
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert storage.read_jsonl(str(path)) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(ValueError, match=rf"{path}:2: invalid JSON"):
+        storage.read_jsonl(str(path))

@@ -7,8 +7,8 @@ Each stage reads what the previous one stored under the run directory, so every 
 from __future__ import annotations
 
 import contextlib
-import os
 import functools
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -76,7 +76,7 @@ def _tags(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _parent_run(cfg: ExperimentConfig, paths: RunPaths, verb: str, parent_run_id: str | None = None,
+def parent_run(cfg: ExperimentConfig, paths: RunPaths, verb: str, parent_run_id: str | None = None,
                 tracker: Tracker | None = None) -> Iterator[tuple[Tracker, str | None]]:
     """The run that holds a verb's stages (nested under parent_run_id when an experiment runs
     several): the config is written to the run directory and logged as params."""
@@ -231,7 +231,7 @@ def run_all(cfg: ExperimentConfig) -> RunSummary:
     console.print(f"[bold]DeRTa run[/bold] {paths.name}  method={cfg.train.method}  model={cfg.model.name_or_path}")
     console.print(f"run directory: {paths.dir}")
     ensure_ray(cfg)
-    with _parent_run(cfg, paths, "run") as (tracker, parent):
+    with parent_run(cfg, paths, "run") as (tracker, parent):
         summary = run_stages(cfg, paths, tracker, parent)
         _report(cfg, paths, tracker, parent)
         _experiment_report(cfg, tracker)
@@ -246,7 +246,7 @@ def build_data(cfg: ExperimentConfig) -> None:
     paths = run_paths(cfg)
     ensure_ray(cfg)
     timings: dict[str, float] = {}
-    with _parent_run(cfg, paths, "data build") as (tracker, parent):
+    with parent_run(cfg, paths, "data build") as (tracker, parent):
         with _stage(tracker, parent, "data", timings, cfg) as h:
             _build(cfg, paths, h)
     console.print(f"transition samples: {paths.data}  (run name: {paths.name})")
@@ -256,7 +256,7 @@ def train_only(cfg: ExperimentConfig) -> None:
     paths = run_paths(cfg)
     ensure_ray(cfg)
     timings: dict[str, float] = {}
-    with _parent_run(cfg, paths, "train") as (tracker, parent):
+    with parent_run(cfg, paths, "train") as (tracker, parent):
         with _stage(tracker, parent, "data", timings, cfg) as h:
             _ensure_data(cfg, paths, h)
         with _stage(tracker, parent, "train", timings, cfg) as h:
@@ -268,7 +268,7 @@ def eval_only(cfg: ExperimentConfig) -> None:
     paths = run_paths(cfg)
     ensure_ray(cfg)
     summary = RunSummary(paths, make_tracker(cfg).tracking_uri, None)
-    with _parent_run(cfg, paths, "eval") as (tracker, parent):
+    with parent_run(cfg, paths, "eval") as (tracker, parent):
         summary.parent_run_id = parent
         summary.model_dir = trained_model_dir(cfg, paths)
         with _stage(tracker, parent, "eval", summary.timings, cfg) as h:

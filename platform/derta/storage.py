@@ -129,6 +129,18 @@ def read_json(uri: PathLike) -> Any:
         raise ValueError(f"{uri}: invalid JSON: {e}") from None
 
 
+def read_jsonl(uri: PathLike) -> list[Any]:
+    """One object per non-blank line; a bad line raises naming uri:line."""
+    out = []
+    for n, line in enumerate(read_text(uri).splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{uri}:{n}: invalid JSON: {e}") from None
+    return out
+
+
 def write_bytes(uri: PathLike, data: bytes) -> None:
     """Atomically replace the object at uri with data (parents created locally)."""
     uri = str(uri)

@@ -77,10 +77,10 @@ def _spread(items: list, n: int) -> list:
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
-def write_corpus(directory: str, pb: PositionBiasConfig) -> dict[str, str]:
-    """JSONL sources under `directory` (local or s3://); returns their URIs by name."""
+def write_corpus(directory: str, corpus: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """corpus_rows' sources as JSONL under `directory` (local or s3://); their URIs by name."""
     out = {}
-    for name, rows in corpus_rows(pb).items():
+    for name, rows in corpus.items():
         uri = storage.join(directory, f"{name}.jsonl")
         storage.write_text(uri, "".join(json.dumps(r) + "\n" for r in rows))
         out[name] = uri
@@ -125,7 +125,6 @@ class ArmResult:
     helpfulness: float | None  # demo token-F1 score x 100 (0 for a refusal)
     help_refusal: float | None  # % of held-out helpful prompts refused
     positions: list[int] = field(default_factory=list)  # refusal start, words into the assistant turn
-    seconds: float = 0.0
 
     def attacked(self, group: str) -> float:
         """Mean ASR over the prefill lengths k > 0 (the attack proper)."""
@@ -141,7 +140,7 @@ class ArmResult:
         return round(100.0 * sum(p == 0 for p in self.positions) / len(self.positions), 1)
 
 
-def arm_result(arm: str, rows: list[dict[str, Any]], group_of: dict[str, str], seconds: float = 0.0) -> ArmResult:
+def arm_result(arm: str, rows: list[dict[str, Any]], group_of: dict[str, str]) -> ArmResult:
     """One arm's numbers from its eval/generations.jsonl rows."""
     asr = {}
     for g in GROUPS:
@@ -150,7 +149,7 @@ def arm_result(arm: str, rows: list[dict[str, Any]], group_of: dict[str, str], s
     helpful = compute_metrics([r for r in rows if r.get("kind") == "helpfulness"])["helpfulness"].get("demo", {})
     positions = [len((r.get("prefill") or "").split()) + int(r["refusal_pos"])
                  for r in rows if r.get("kind") == "safety" and r.get("refusal_pos") is not None]
-    return ArmResult(arm, asr, helpful.get("score"), helpful.get("refusal_rate"), positions, seconds)
+    return ArmResult(arm, asr, helpful.get("score"), helpful.get("refusal_rate"), positions)
 
 
 def question_groups(questions: list[dict[str, Any]]) -> dict[str, str]:
@@ -237,14 +236,11 @@ def _fmt(x: float | None) -> str:
 # --------------------------------------------------------------------------- the plot
 def plot_positions(results: dict[str, ArmResult], path: str) -> str:
     """Fig. 4: where refusals start, in words from the start of the assistant turn, per arm."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from derta.report.plots import figure, png_bytes
 
     arms = [a for a in ARM_NAMES if a in results]
     labels = list(refusal_histogram([]).keys())
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = figure(8, 3.6)
     width = 0.8 / max(len(arms), 1)
     for i, arm in enumerate(arms):
         pos = results[arm].positions
@@ -256,12 +252,7 @@ def plot_positions(results: dict[str, ArmResult], path: str) -> str:
     ax.set_ylabel("% of refusals")
     ax.set_title("Refusal position (cf. paper Fig. 4)")
     ax.legend(fontsize=8, frameon=False)
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    storage.write_bytes(path, buf.getvalue())
+    storage.write_bytes(path, png_bytes(fig))
     return path
 
 
@@ -280,42 +271,39 @@ class PositionBiasResult:
 def run_position_bias(cfg: ExperimentConfig) -> PositionBiasResult:
     """The whole experiment (see the module docstring); prints and logs the results."""
     from derta.cluster import ensure_ray
-    from derta.pipeline import _parent_run, console, make_tracker, run_stages
+    from derta.pipeline import console, make_tracker, parent_run, run_paths, run_stages
 
     t0 = time.perf_counter()
     pb = cfg.position_bias or PositionBiasConfig()
     if cfg.storage.run_name is None:
         cfg.storage.run_name = f"position-bias-s{pb.seed}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    from derta.pipeline import run_paths
-
     paths = run_paths(cfg)
     console.print(f"[bold]Position-bias experiment[/bold] {paths.name}  arms={','.join(pb.arms)}  seed={pb.seed}")
     console.print(f"directory: {paths.dir}")
     ensure_ray(cfg)
-    files = write_corpus(storage.join(paths.dir, "corpus"), pb)
-    questions = [json.loads(line) for line in storage.read_text(files["questions"]).splitlines()]
-    group_of = question_groups(questions)
+    corpus = corpus_rows(pb)
+    files = write_corpus(storage.join(paths.dir, "corpus"), corpus)
+    group_of = question_groups(corpus["questions"])
     tracker = make_tracker(cfg)
     timings: dict[str, float] = {}
     results: dict[str, ArmResult] = {}
-    with _parent_run(cfg, paths, "position_bias", tracker=tracker) as (_, parent):
+    with parent_run(cfg, paths, "position_bias", tracker=tracker) as (_, parent):
         base = pb.base_model
         if base is None:
             pre_cfg = pretrain_config(cfg, pb, files)
             pre_paths = RunPaths(paths.dir, "pretrain")
             start = time.perf_counter()
-            with _parent_run(pre_cfg, pre_paths, "pretrain", parent, tracker) as (_, pre_run):
+            with parent_run(pre_cfg, pre_paths, "pretrain", parent, tracker) as (_, pre_run):
                 base = run_stages(pre_cfg, pre_paths, tracker, pre_run, evaluate=False).model_dir
             timings["pretrain"] = time.perf_counter() - start
         for arm in pb.arms:
             arm_cfg = arm_config(cfg, pb, arm, files, base)
             arm_paths = RunPaths(paths.dir, arm)
             start = time.perf_counter()
-            with _parent_run(arm_cfg, arm_paths, "position_bias arm", parent, tracker) as (_, arm_run):
+            with parent_run(arm_cfg, arm_paths, "position_bias arm", parent, tracker) as (_, arm_run):
                 run_stages(arm_cfg, arm_paths, tracker, arm_run)
-                rows = [json.loads(line) for line in storage.read_text(arm_paths.generations).splitlines() if line.strip()]
                 timings[arm] = time.perf_counter() - start
-                results[arm] = arm_result(arm, rows, group_of, timings[arm])
+                results[arm] = arm_result(arm, storage.read_jsonl(arm_paths.generations), group_of)
                 with tracker.attach(arm_run):
                     tracker.log_metrics(_arm_metrics(results[arm]))
         found = findings(results) if all(a in results for a in ARM_NAMES) else []

@@ -38,15 +38,20 @@ def _plt():
     return plt
 
 
-def _figure(width: float = 7.5, height: float = 3.6, **kw: Any):
+def figure(width: float = 7.5, height: float = 3.6, **kw: Any):
     return _plt().subplots(figsize=(width, height), **kw)
 
 
-def png_uri(fig, tight: bool = True) -> str:
+def png_bytes(fig, tight: bool = True) -> bytes:
+    """The figure as PNG (and closed)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight" if tight else None)
     _plt().close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def png_uri(fig, tight: bool = True) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(fig, tight)).decode()
 
 
 def _legend(ax, n: int) -> None:
@@ -64,7 +69,7 @@ def asr_bars(runs: Sequence[RunData]) -> str | None:
     attacks: list[str] = []
     for _, a in data:
         attacks += [k for k in a if k not in attacks]
-    fig, ax = _figure(max(6.0, 1.4 * len(attacks) * max(1, len(data)) ** 0.5 + 3))
+    fig, ax = figure(max(6.0, 1.4 * len(attacks) * max(1, len(data)) ** 0.5 + 3))
     width = 0.8 / len(data)
     for i, (name, a) in enumerate(data):
         xs = [j + (i - (len(data) - 1) / 2) * width for j in range(len(attacks))]
@@ -87,7 +92,7 @@ def refusal_cdf(runs: Sequence[RunData]) -> str | None:
     data = [d for d in data if d[1]]
     if not data:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     for i, (name, pos, _) in enumerate(data):
         xs = sorted(pos)
         first5 = 100.0 * sum(p < 5 for p in xs) / len(xs)
@@ -119,7 +124,7 @@ def asr_by_k(runs: Sequence[RunData]) -> str | None:
             data.append((r.name, dict(sorted(by_k.items()))))
     if not data:
         return None
-    fig, ax = _figure()
+    fig, ax = figure()
     for i, (name, by_k) in enumerate(data):
         ax.plot(list(by_k), list(by_k.values()), marker="o", color=color(i), label=name)
     ax.set_xlabel("harmful prefix length k (tokens prefilled)")
@@ -143,7 +148,7 @@ def safety_vs_helpfulness(runs: Sequence[RunData], focus: str | None = None) -> 
     for r, _, _ in pts:
         if r.method not in methods:
             methods.append(r.method)
-    fig, ax = _figure(6.5, 4.2)
+    fig, ax = figure(6.5, 4.2)
     seen: set[str] = set()
     for r, h, s in pts:
         c = color(methods.index(r.method))
@@ -172,7 +177,7 @@ def prefix_hist(runs: Sequence[RunData]) -> str | None:
     buckets: list[str] = []
     for _, h in data:
         buckets += [b for b in h if b not in buckets]
-    fig, ax = _figure()
+    fig, ax = figure()
     width = 0.8 / len(data)
     for i, (name, h) in enumerate(data):
         total = sum(h.values())
@@ -192,7 +197,7 @@ def training_curves(runs: Sequence[RunData]) -> str | None:
     data = [r for r in runs if r.curves]
     if not data:
         return None
-    fig, axes = _figure(10.0, 6.2, nrows=2, ncols=2)
+    fig, axes = figure(10.0, 6.2, nrows=2, ncols=2)
     for ax, (key, title) in zip(axes.flat, CURVE_PANELS):
         drawn = 0
         for i, r in enumerate(runs):

@@ -17,9 +17,9 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,12 +41,12 @@ DTYPES = {"input_ids": torch.long, "labels": torch.long, "rto_mask": torch.bool,
 PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12), ("L4", 121e12), ("V100", 125e12)]
 
 
-
 def say(*parts: Any) -> None:
     """Print a progress line once. Ray Train V2 patches print() into a logger and, when
     something (MLflow, rich) has wrapped sys.stdout, also tees to the original print, so a
     plain print shows every line twice; printing to the real stdout takes one path only."""
     print(*parts, file=sys.__stdout__ or sys.stdout, flush=True)
+
 
 # --------------------------------------------------------------------------- plans (pure)
 @dataclass(frozen=True)
@@ -311,15 +311,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         proxy = ProxyHook(config["proxy"], device)
     if rank == 0:
         say(f"[derta.train] {world} worker(s), {mode}, device {device}, params {n_params / 1e6:.1f}M, "
-              f"trainable {sum(p.numel() for p in params) / 1e6:.2f}M, "
-              f"refusal token id {refusal_id}")
+            f"trainable {sum(p.numel() for p in params) / 1e6:.2f}M, "
+            f"refusal token id {refusal_id}")
 
     # ------------------------------------------------------------- resume point
     resume_dir, tmp_resume = resume_point(tc.resume, config.get("resume_from"))
     state = ckpt.read_state(resume_dir) if resume_dir else ckpt.TrainState()
     if resume_dir and rank == 0:
         say(f"[derta.train] resuming from stage {state.stage} step {state.step} (epoch {state.epoch}, "
-              f"micro-batch {state.offset})")
+            f"micro-batch {state.offset})")
 
     fault = config.get("fault")
     final_metrics: dict[str, float] = {}
@@ -338,7 +338,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             resume_dir = None
         if rank == 0:
             say(f"[derta.train] stage {si + 1}/{len(stages)} ({stage['name']}): {stage['rows']} rows, "
-                  f"{plan.total_steps} steps, accum {plan.accum}, global batch {plan.global_batch}")
+                f"{plan.total_steps} steps, accum {plan.accum}, global batch {plan.global_batch}")
         shard = ray.train.get_dataset_shard(stage["dataset"])
         batches = micro_batches(shard, plan, tc.micro_batch, st.epoch, st.offset)
         t_start, steps_timed, tok_window, t_window, steps_window = time.perf_counter(), 0, 0, time.perf_counter(), 0
@@ -400,9 +400,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     elapsed = time.perf_counter() - t_start
                     eta = elapsed / steps_timed * (plan.total_steps - st.step)
                     say(f"[derta.train] step {st.step}/{plan.total_steps} loss {metrics['loss']:.4f} "
-                          f"(mle {metrics['loss_mle']:.4f} rto {metrics['loss_rto']:.4f}"
-                          f"{' pref %.4f' % metrics['loss_pref'] if stage['transition'] == 'pref' else ''}) "
-                          f"lr {lr:.2e} gnorm {grad_norm:.3f} {tps:,.0f} tok/s ETA {_fmt_time(eta)}")
+                        f"(mle {metrics['loss_mle']:.4f} rto {metrics['loss_rto']:.4f}"
+                        f"{' pref %.4f' % metrics['loss_pref'] if stage['transition'] == 'pref' else ''}) "
+                        f"lr {lr:.2e} gnorm {grad_norm:.3f} {tps:,.0f} tok/s ETA {_fmt_time(eta)}")
                     tracking.log(metrics, global_step)
                     telemetry.record_train_step(metrics, step=global_step, steps=steps_window, tokens=float(totals[4]),
                                                 step_seconds=dt / max(1, steps_window), run=config.get("run_name"))

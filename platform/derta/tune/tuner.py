@@ -37,7 +37,6 @@ Shape (the Ray Train V2 pattern; `Tuner(trainer)` is deprecated):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -130,10 +129,6 @@ def rank_trials(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict
 
 
 # --------------------------------------------------------------------------- held-out proxy data
-def _read_jsonl(uri: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
-
-
 def _ensure_base_data(cfg: ExperimentConfig, paths: RunPaths):
     """The base config's samples under <run>/data (reused when the manifest matches)."""
     from derta.data import pipeline as DP
@@ -154,7 +149,7 @@ def heldout_safety_rows(cfg: ExperimentConfig, paths: RunPaths, base_built: bool
     if base_built or generate.wanted(cfg):
         if not base_built:
             _ensure_base_data(cfg, paths)
-        return _read_jsonl(paths.heldout) if storage.exists_file(paths.heldout) else []
+        return storage.read_jsonl(paths.heldout) if storage.exists_file(paths.heldout) else []
     return list(DP.make_plan(cfg).heldout_rows)
 
 
