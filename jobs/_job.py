@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None, default_config: Path, doc: str) -> argpar
     p.add_argument("--config", "-c", default=str(default_config), help=f"experiment YAML (default: {default_config.name})")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set train.lr=1e-4 storage.root=s3://b/runs (repeatable)")
+    p.add_argument("--twin", metavar="DIR",
+                   help="run the job's CPU twin: the same config with a stand-in model, synthetic data in the same "
+                        "formats, small sizes and CPU resources, under DIR (derta/twin.py); --set applies on top")
     p.add_argument("--plan", action="store_true",
                    help="print resources and the per-GPU memory estimate, then exit (1 if it cannot fit); asks Ray for nothing")
     return p.parse_args(argv)
@@ -36,6 +39,10 @@ def main(run: Callable[[ExperimentConfig], object], config: str | Path, doc: str
     args = parse_args(argv, default, doc)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.twin:
+            from derta.twin import cpu_twin
+
+            cfg = cpu_twin(cfg, args.twin, args.overrides)
         if args.plan:
             if plan is not None:
                 return 0 if plan(cfg) else 1

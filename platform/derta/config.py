@@ -336,7 +336,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
     origins = {}
     for item in overrides:
-        origins[_apply_override(raw, item)] = f"--set {item}"
+        origins[apply_override(raw, item)] = f"--set {item}"
     return validate_config(raw, source, origins)
 
 
@@ -356,7 +356,7 @@ def validate_config(raw: dict[str, Any], source: str = "<config>", origins: dict
         raise ConfigError("\n".join(lines)) from None
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> str:
+def apply_override(raw: dict[str, Any], item: str) -> str:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     key, _, text = item.partition("=")
@@ -386,7 +386,7 @@ def dump_yaml(data: dict[str, Any]) -> str:
 def set_dotted(cfg: ExperimentConfig, key: str, value: Any) -> ExperimentConfig:
     """A copy of cfg with one dotted key replaced, re-validated (used by Tune trials)."""
     raw = cfg.to_dict()
-    _apply_override(raw, f"{key}={json.dumps(value)}")
+    apply_override(raw, f"{key}={json.dumps(value)}")
     return validate_config(raw, f"override {key}")
 
 

@@ -1,9 +1,15 @@
-"""Models and tokenizers: loading (HF id, local dir, s3://, builtin:tiny), the refusal token,
+"""Models and tokenizers: loading (HF id, local dir, s3://, builtin:*), the refusal token,
 LoRA, and a tiny offline model factory.
 
 The tiny factory writes an ordinary Hugging Face directory (random-init Llama + a real fast
-BPE tokenizer trained offline on the demo corpus, with a Llama-3-style chat template), so
-tests and the demo go through exactly the `from_pretrained` path real models use.
+BPE tokenizer trained offline on the demo corpus), so tests and the demo go through exactly the
+`from_pretrained` path real models use. Two tokenizer flavours:
+  * builtin:tiny / builtin:small: a Llama-3-Instruct-like chat model (chat template, <|eot_id|>
+    ends a turn, a pad token);
+  * builtin:llama3-base: the stand-in for the BASE Llama-3 models the shipped 8B/70B jobs
+    train: Llama-3's pre-tokenizer regex + byte-level BPE, its 256 special tokens after the
+    vocabulary (<|begin_of_text|> added to every encode, <|end_of_text|> as EOS), NO chat
+    template and no pad token, "Sorry" one token. The CPU twins of the jobs run on it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,26 @@ CHAT_TEMPLATE = (
 )
 
 
+# Llama-3's split pattern (its tokenizer.json pre_tokenizer), applied before byte-level BPE.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def llama3_special_tokens() -> list[str]:
+    """Llama-3's 256 special tokens in its order (ids 128000..128255 there)."""
+    named = {0: BOS, 1: EOS, 6: HEADER_START, 7: HEADER_END, 9: EOT}
+    out, reserved = [], 0
+    for i in range(256):
+        if i in named:
+            out.append(named[i])
+        else:
+            out.append(f"<|reserved_special_token_{reserved}|>")
+            reserved += 1
+    return out
+
+
 @dataclass(frozen=True)
 class TinySpec:
     hidden_size: int = 64
@@ -43,11 +69,17 @@ class TinySpec:
     max_position_embeddings: int = 1024
     vocab_size: int = 1024  # BPE target size; the real size is what training yields
     seed: int = 0
+    base_tokenizer: bool = False  # True: the Llama-3 base stand-in (build_llama3_base_tokenizer)
 
 
 # builtin:tiny is the demo's and the tests' model; builtin:small has room for the science check
 # (a base that complies and a safety tuning that changes only where the model refuses).
-BUILTIN_SPECS = {BUILTIN_TINY: TinySpec(), "builtin:small": TinySpec(hidden_size=128, intermediate_size=384)}
+BUILTIN_SPECS = {
+    BUILTIN_TINY: TinySpec(),
+    "builtin:small": TinySpec(hidden_size=128, intermediate_size=384),
+    # 4,000+ BPE pieces so the loss head's [chunk, vocab] blocks are not trivially small.
+    "builtin:llama3-base": TinySpec(vocab_size=4096, base_tokenizer=True),
+}
 
 
 def cache_dir() -> Path:
@@ -84,12 +116,57 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
     return fast
 
 
+def _pseudo_words(n: int = 6000) -> list[str]:
+    """Deterministic made-up words (syllable strings) that give BPE enough to merge for a vocabulary
+    of a few thousand pieces; the demo corpus alone stops near 1,200."""
+    onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ["", "n", "r", "s", "x"]
+    syll = [o + v + c for o in onsets for v in vowels for c in codas]
+    return [" ".join(syll[(i * 7919 + j * 104729) % len(syll)] + syll[(i * 31 + j * 17) % len(syll)]
+                     for j in range(8)) for i in range(n)]
+
+
+def build_llama3_base_tokenizer(vocab_size: int = 4096):
+    """A tokenizer with what matters of base Llama-3's (see the module docstring), trained on the
+    demo corpus offline. Llama-3 has "Sorry" as one token (19701); so does this one."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from derta.demo import corpus_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    extra = ["Sorry, I'm sorry. Sorry, I cannot help with that. Sure, here is how. The answer is 0 1 2 3 4 5 6 7 8 9."] * 8
+    tok.train_from_iterator(list(corpus_text()) + extra + _pseudo_words(), trainer=trainer)
+    if tok.token_to_id("Sorry") is None:
+        tok.add_tokens(["Sorry"])
+    specials = llama3_special_tokens()
+    tok.add_special_tokens(specials)  # appended after the vocabulary, as in Llama-3
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]),
+    ])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=None,
+                                   model_max_length=8192)
+
+
 def build_tiny_model(path: str | Path, spec: TinySpec = TinySpec()) -> Path:
     """Write a random-init Llama + tokenizer as an HF directory at `path` (atomically)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    tokenizer = build_tiny_tokenizer(spec.vocab_size)
+    if spec.base_tokenizer:
+        tokenizer = build_llama3_base_tokenizer(spec.vocab_size)
+        eos_ids = [tokenizer.eos_token_id]
+    else:
+        tokenizer = build_tiny_tokenizer(spec.vocab_size)
+        eos_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOS)]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -108,7 +185,7 @@ def build_tiny_model(path: str | Path, spec: TinySpec = TinySpec()) -> Path:
         model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(EOS)],
+        eos_token_id=eos_ids,
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
