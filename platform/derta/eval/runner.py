@@ -70,11 +70,12 @@ def attack_names(cfg: ExperimentConfig) -> list[str]:
     return names
 
 
-def collect_items(cfg: ExperimentConfig, tokenizer: Any = None) -> list[AttackPrompt | hf.HelpItem]:
+def collect_items(cfg: ExperimentConfig, tokenizer: Any = None, renderer: Renderer | None = None) -> list[AttackPrompt | hf.HelpItem]:
     """Every single-pass prompt of this evaluation (PAIR is run separately: it is iterative),
     rendered for the evaluated model's `tokenizer` with the run's template (eval_renderer)."""
     e = cfg.eval
-    renderer = eval_renderer(cfg, tokenizer if tokenizer is not None else load_eval_tokenizer(cfg.model.name_or_path))
+    if renderer is None:
+        renderer = eval_renderer(cfg, tokenizer if tokenizer is not None else load_eval_tokenizer(cfg.model.name_or_path))
     names = attack_names(cfg)
     for a in names:
         get_attack(a)
@@ -317,7 +318,7 @@ def evaluate(cfg: ExperimentConfig, paths: Any, model_dir: str | None = None, tr
     ensure_ray(cfg)
     tokenizer = load_eval_tokenizer(model)
     renderer = eval_renderer(cfg, tokenizer)  # ConfigError (data.template / eval.template) before any work
-    items = collect_items(cfg, tokenizer)
+    items = collect_items(cfg, tokenizer, renderer)
     spec = spec_from_config(cfg, model)
     cache_dir = None if storage.is_s3(paths.eval) else os.path.join(paths.eval, "judge_cache")
 
