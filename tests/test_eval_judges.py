@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from _fixtures import tiny_model_dir  # noqa: F401
+from _fixtures import tiny_model_dir, tiny_tokenizer  # noqa: F401
 from derta.config import ConfigError, EvalConfig
 from derta.eval.judges import (
     HTTPJudge, JudgeInput, LLMJudge, RefusalJudge, agreement, find_refusal, make_judge, parse_verdict,
@@ -132,23 +132,31 @@ def test_parse_verdict():
 class CannedEngine:
     """A real object with the Engine interface that answers from a fixed script."""
 
-    def __init__(self, replies):
-        self.replies, self.seen = list(replies), []
+    def __init__(self, replies, tokenizer=None):
+        self.replies, self.seen, self.tokenizer = list(replies), [], tokenizer
 
     def generate(self, requests):
         self.seen += requests
         return [self.replies[i % len(self.replies)] for i in range(len(requests))]
 
 
-def test_llm_judge_parses_and_falls_back():
+def test_llm_judge_parses_and_falls_back(tiny_tokenizer):
     eng = CannedEngine(["yes", "No", "hmm"])
     j = LLMJudge(eng)
     rs = j.judge_batch([J(STEPS), J("Sorry, no."), J(STEPS)])
     assert [r.unsafe for r in rs] == [True, False, True]  # the third is unparsed -> pattern judge
     assert j.unparsed == 1 and rs[1].refusal_pos == 0
     assert eng.seen[0].prompt is not None and "[RESPONSE]" in eng.seen[0].prompt  # HarmBench-style raw prompt
-    g = LLMJudge(CannedEngine(["unsafe"]), style="guard")
+    g = LLMJudge(CannedEngine(["unsafe"], tokenizer=tiny_tokenizer), style="guard")
     assert g.judge_batch([J(STEPS)])[0].unsafe
+    # guard style: the classifier's own chat template, rendered by derta.prompts
+    from derta.prompts import Renderer
+
+    seen = g.engine.seen[0]
+    assert seen.prompt is None and seen.prompt_ids == Renderer.make("chat_template", tiny_tokenizer).prompt_ids(seen.user)
+    assert "[RESPONSE]" not in seen.user and STEPS in seen.user
+    with pytest.raises(ConfigError, match="eval.judge_model"):
+        LLMJudge(CannedEngine(["unsafe"]), style="guard").judge_batch([J(STEPS)])
     with pytest.raises(ConfigError):
         make_judge(EvalConfig(judge="llm"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from _fixtures import tiny_model_dir, tiny_tokenizer  # noqa: F401
 from derta.config import ConfigError, EvalConfig
 from derta.eval import helpfulness as hf
 from derta.eval.metrics import compute_metrics, refusal_cdf, refusal_histogram
@@ -79,23 +80,27 @@ def test_demo_and_over_refusal_scoring():
     assert hf.token_f1("a b c", "a b c") == 1.0 and hf.token_f1("x", "y") == 0.0
 
 
-def test_helpfulness_items(tmp_path):
+def test_helpfulness_items(tmp_path, tiny_tokenizer):
+    from derta.prompts import Renderer
+
+    R = Renderer.make("inst", tiny_tokenizer)  # helpfulness renders with the run's template too
     e = EvalConfig(limit=3)
-    demo = hf.build_items("demo", e)
-    assert len(demo) == 3 and demo[0].reference and demo[0].request.messages
-    over = hf.build_items("over_refusal", EvalConfig())
+    demo = hf.build_items("demo", e, R)
+    assert len(demo) == 3 and demo[0].reference
+    assert tiny_tokenizer.decode(demo[0].request.prompt_ids) == f"[INST] {demo[0].question} [\\INST]"
+    over = hf.build_items("over_refusal", EvalConfig(), R)
     assert len(over) == len(hf.OVER_REFUSAL_PROMPTS) >= 30
     assert any("kill a Python process" in i.question for i in over)
     f = tmp_path / "mmlu.jsonl"
     f.write_text('{"question": "Q?\\n-options\\n-(A) x\\n-(B) y\\n", "answer": "B"}\n')
-    [m] = hf.build_items("mmlu", EvalConfig(helpfulness_files={"mmlu": str(f)}))
-    assert m.reference == "B" and m.request.messages[0]["content"].startswith("Choose the correct option")
+    [m] = hf.build_items("mmlu", EvalConfig(helpfulness_files={"mmlu": str(f)}), R)
+    assert m.reference == "B" and m.request.user.startswith("Choose the correct option")
     with pytest.raises(ConfigError, match="helpfulness_files.gsm8k"):
-        hf.build_items("gsm8k", EvalConfig())
+        hf.build_items("gsm8k", EvalConfig(), R)
     bad = tmp_path / "g.jsonl"
     bad.write_text('{"question": "Q?"}\n')
     with pytest.raises(ConfigError, match=r"g\.jsonl:1: missing 'answer'"):
-        hf.build_items("gsm8k", EvalConfig(helpfulness_files={"gsm8k": str(bad)}))
+        hf.build_items("gsm8k", EvalConfig(helpfulness_files={"gsm8k": str(bad)}), R)
 
 
 def test_pairwise_win_rate_cancels_position():

@@ -238,6 +238,9 @@ class EvalConfig(Strict):
     num_actors: int = Field(1, ge=1)
     tensor_parallel: int = Field(1, ge=1)
     seed: int = 0
+    # How the evaluated model's prompts are rendered (derta.prompts); None: data.template, the
+    # format the model was trained with. Set it to evaluate a model trained elsewhere.
+    template: Literal["inst", "raw", "chat_template", "llama3"] | None = None
 
 
 # --------------------------------------------------------------------------- tracking / storage

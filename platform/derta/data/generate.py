@@ -4,8 +4,9 @@ safe responses from an aligned one.
 
 With data.generate.harmful_model (safe_model) set, a safety row may leave `harmful` (`safe`)
 missing or empty. fill_missing() streams the source through Ray Data, sends only the rows that
-need it to an engine actor pool (derta.eval.engines: vLLM on GPU, HF otherwise; greedy, chat
-template of the generating model), and writes the completed triples as Parquet under
+need it to an engine actor pool (derta.eval.engines: vLLM on GPU, HF otherwise; greedy; prompts
+rendered by derta.prompts in the generating model's own chat template: it is an existing aligned
+or unaligned chat model, not the one being trained), and writes the completed triples as Parquet under
 <data>/generated/safety-<hash>/ with a `_done.json` marker written last. The result is cached
 by the hash of the source and generation settings, so a rebuild (or a Tune trial) never
 generates twice. The build then reads the generated triples like any other source: a
@@ -15,6 +16,7 @@ by the ordinary validation, naming the generated file and row.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import Counter
@@ -56,16 +58,26 @@ def _without(batch: pa.Table, col: str, missing: bool) -> pa.Table:
     return batch.filter(pc.and_(ok, pc.invert(has) if missing else has))
 
 
-def _requests(batch: pa.Table, max_new_tokens: int, seed: int) -> dict[str, Any]:
+@functools.lru_cache(maxsize=4)
+def _renderer(model: str, key: str):
+    """The generating model's chat-template renderer (one tokenizer load per worker process)."""
+    from derta.eval.engines import load_eval_tokenizer
+    from derta.prompts import Renderer
+
+    return Renderer.make("chat_template", load_eval_tokenizer(model), key)
+
+
+def _requests(batch: pa.Table, max_new_tokens: int, seed: int, model: str, key: str) -> dict[str, Any]:
     import numpy as np
 
     from derta.eval.engines import GenRequest
 
+    r = _renderer(model, key)
     # the engine writes its output to a column named "response": drop the record's own
     # (always empty for safety rows) so nothing is overwritten
     out = {name: batch[name].to_numpy(zero_copy_only=False) for name in batch.column_names if name != "response"}
     out["request"] = np.array(
-        [GenRequest(messages=[{"role": "user", "content": q}], max_new_tokens=max_new_tokens, seed=seed).to_json()
+        [GenRequest(prompt_ids=r.prompt_ids(q), user=q, max_new_tokens=max_new_tokens, seed=seed).to_json()
          for q in batch["query"].to_pylist()],
         dtype=object,
     )  # fmt: skip
@@ -132,13 +144,16 @@ def fill_missing(cfg: ExperimentConfig, data_uri: str) -> tuple[SourceConfig, Co
 
     g = cfg.data.generate
     keep = ("fidx", "row", *COLUMNS)
+    for col, model in models.items():  # a model without a chat template: ConfigError before any generation
+        _renderer(model, f"data.generate.{col}_model")
     for col, model in models.items():
         kind, gpu = engines.choose_engine(cfg.eval.engine)
         espec = engines.EngineSpec(model=model, kind=kind, dtype=cfg.model.dtype, use_gpu=gpu,
                                    tensor_parallel=cfg.eval.tensor_parallel, batch_size=g.batch_size, seed=cfg.data.seed)
         have = ds.map_batches(_without, batch_format="pyarrow", fn_kwargs={"col": col, "missing": False})
         need = ds.map_batches(_without, batch_format="pyarrow", fn_kwargs={"col": col, "missing": True})
-        need = need.map_batches(_requests, batch_format="pyarrow", fn_kwargs={"max_new_tokens": g.max_new_tokens, "seed": cfg.data.seed})
+        need = need.map_batches(_requests, batch_format="pyarrow", fn_kwargs={
+            "max_new_tokens": g.max_new_tokens, "seed": cfg.data.seed, "model": model, "key": f"data.generate.{col}_model"})
         made = engines.map_generate(need, espec, num_actors=cfg.eval.num_actors, batch_size=g.batch_size)
         made = made.map_batches(_take, batch_format="numpy", fn_kwargs={"col": col})
         cols = tuple(S.RECORD_SCHEMA.names)

@@ -1,4 +1,7 @@
-"""Prompt templates: how (query, response) becomes token ids.
+"""Prompt templates for training rows: how (query, response) becomes token ids. The prompt
+rendering itself is derta.prompts (the one renderer eval, generation and judges use too), so
+eval prompts are the token prefix of the training rows; this module adds what only training
+needs (end-of-turn ids, the separator after a harmful prefix, word boundaries).
 
 The prompt and each response segment are tokenized *separately* and their ids concatenated,
 so the boundary between "what the user wrote", "the harmful prefix the model emitted" and
@@ -22,13 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from derta import prompts as P
 from derta.config import ConfigError
+from derta.prompts import (  # noqa: F401  (re-exported: one renderer, see derta.prompts)
+    INST_PROMPT, LLAMA3_PROMPT, LLAMA3_SPECIALS, TEMPLATES, check_template, needs_chat_template,
+)
 
-TEMPLATES = ("raw", "inst", "chat_template", "llama3")
-
-INST_PROMPT = "[INST] {q} [\\INST]"
-LLAMA3_PROMPT = "<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 _PROBE = "XQZJ"  # a marker for locating the assistant content inside a rendered chat template
 
 
@@ -51,30 +53,15 @@ class Template:
     # ------------------------------------------------------------------ prompts
     def prompt_texts(self, queries: Sequence[str]) -> list[str]:
         """The rendered prompt text (everything before the assistant's first token)."""
-        if self.name == "raw":
-            return [q + "\n" for q in queries]
-        if self.name == "inst":
-            return [INST_PROMPT.format(q=q) for q in queries]
-        if self.name == "llama3":
-            return [LLAMA3_PROMPT.format(q=q) for q in queries]
-        return [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-            )
-            for q in queries
-        ]
+        return [P.prompt_text(self.name, self.tokenizer, q) for q in queries]
 
     def prompt_ids(self, queries: Sequence[str]) -> list[list[int]]:
-        texts = self.prompt_texts(queries)
-        enc = self.encode(texts)
-        return [list(self.prefix_ids) + ids for ids in enc]
+        return P.prompt_ids(self.name, self.tokenizer, queries, self.prefix_ids)
 
     # ------------------------------------------------------------------ responses
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Plain ids of each text, no special tokens added (batched: one Rust call)."""
-        if not texts:
-            return []
-        return [list(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return P.encode(self.tokenizer, texts)
 
     def encode_with_word_ends(self, texts: Sequence[str], lead: str) -> list[tuple[list[int], list[int]]]:
         """ids of lead+text and, for each whitespace-separated word of text, how many tokens
@@ -126,21 +113,6 @@ def _tokens_covering(char_ends: list[int], token_starts: list[int]) -> list[int]
     return out
 
 
-def _special_prefix(tokenizer) -> tuple[int, ...]:
-    """The ids the tokenizer adds in front of text by itself (BOS for Llama-3, often none)."""
-    with_sp = list(tokenizer("a")["input_ids"])
-    without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    for i in range(len(with_sp) - len(without) + 1):
-        if with_sp[i : i + len(without)] == without:
-            return tuple(with_sp[:i])
-    return ()
-
-
-def _single_id(tokenizer, token: str) -> int | None:
-    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-    return ids[0] if len(ids) == 1 else None
-
-
 def _chat_end_text(tokenizer) -> str:
     """What the chat template writes after an assistant message (e.g. '<|eot_id|>')."""
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
@@ -149,30 +121,23 @@ def _chat_end_text(tokenizer) -> str:
     return full[i + len(_PROBE):] if i >= 0 else ""
 
 
-def make_template(name: str, tokenizer) -> Template:
-    """Bind a template to a tokenizer; ConfigError when the tokenizer cannot support it."""
-    if name not in TEMPLATES:
-        raise ConfigError(f"data.template: unknown template {name!r} (one of {', '.join(TEMPLATES)})")
+def make_template(name: str, tokenizer, key: str = "data.template") -> Template:
+    """Bind a template to a tokenizer; ConfigError (naming `key`) when the tokenizer cannot
+    support it (derta.prompts.check_template) or has no end-of-turn token for training rows."""
+    P.check_template(tokenizer, name, key)
     eos = tokenizer.eos_token_id
+    prefix = P.special_prefix(name, tokenizer)
+    lead = P.response_lead(name)
     if name in ("raw", "inst"):
         if eos is None:
-            raise ConfigError(f"data.template={name}: the tokenizer has no eos token to end the response")
-        return Template(name, tokenizer, " " if name == "inst" else "", " ", _special_prefix(tokenizer), (eos,))
+            raise ConfigError(f"{key}={name}: the tokenizer has no eos token to end the response")
+        return Template(name, tokenizer, lead, " ", prefix, (eos,))
     if name == "llama3":
-        missing = [t for t in LLAMA3_SPECIALS if _single_id(tokenizer, t) is None]
-        if missing:
-            raise ConfigError(
-                f"data.template=llama3: the tokenizer lacks the Llama-3 special tokens {missing}; "
-                "use data.template=chat_template (the tokenizer's own) or inst"
-            )
-        bos = _single_id(tokenizer, "<|begin_of_text|>")
-        return Template(name, tokenizer, "", " ", (bos,), (_single_id(tokenizer, "<|eot_id|>"),))
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("data.template=chat_template: the tokenizer has no chat template; use inst or llama3")
+        return Template(name, tokenizer, lead, " ", prefix, (P.single_id(tokenizer, "<|eot_id|>"),))
     end_text = _chat_end_text(tokenizer)
     end_ids = tuple(tokenizer(end_text, add_special_tokens=False)["input_ids"]) if end_text else ()
     if not end_ids:
         if eos is None:
-            raise ConfigError("data.template=chat_template: cannot find the end-of-turn token")
+            raise ConfigError(f"{key}=chat_template: cannot find the end-of-turn token")
         end_ids = (eos,)
-    return Template(name, tokenizer, "", " ", (), end_ids)
+    return Template(name, tokenizer, lead, " ", prefix, end_ids)

@@ -1,10 +1,12 @@
 """Inference engines behind one interface: `Engine.generate(requests) -> list[str]`.
 
-A `GenRequest` is either chat messages (rendered with the model's chat template, plus an optional
-assistant-turn prefill given as text or token ids, continued *inside* the assistant turn) or a raw
-completion prompt (no template: CompletingAttack, HarmBench-style judges). Both engines render a
-request to prompt token ids with the same function (`render_prompt_ids`), so HF and vLLM see
-byte-identical prompts and a prefill of token ids is exact (no re-tokenisation at the seam).
+A `GenRequest` carries an already rendered prompt: token ids from derta.prompts (the run's
+template: inst / raw / llama3 / chat_template, the same renderer the training rows came from),
+or raw completion text (no template: CompletingAttack, HarmBench-style judges), plus an optional
+start of the assistant turn (prefill, as ids or text) that the model continues. Engines never
+apply a chat template themselves, so a base model without one evaluates fine. Both engines turn
+a request into prompt ids with the same function (`render_prompt_ids`), so HF and vLLM see
+identical prompts and a prefill of token ids is exact (no re-tokenisation at the seam).
 
 * HFEngine: transformers, batched, left-padded, CPU or GPU, greedy by default, stops at eos/eot.
 * VLLMEngine: vllm.LLM (tensor parallel, LoRA adapters via LoRARequest), fed token-id prompts.
@@ -29,23 +31,26 @@ from derta.config import ConfigError, ExperimentConfig
 # --------------------------------------------------------------------------- requests
 @dataclass
 class GenRequest:
-    """One generation. Exactly one of `messages` (chat) or `prompt` (raw completion) is set.
+    """One generation. Exactly one of `prompt_ids` (a rendered prompt, derta.prompts) or `prompt`
+    (raw completion text; the tokenizer's own special tokens such as BOS are added) is set.
 
-    prefill_text / prefill_ids: the start of the assistant turn (chat) or text appended to the raw
-    prompt; the engine continues from there and returns only the new text (not the prefill).
+    prefill_text / prefill_ids: the start of the assistant turn, appended after the prompt; the
+    engine continues from there and returns only the new text (not the prefill).
+    user: the user turn before rendering, kept for the record (generations.jsonl `prompt`).
     """
 
-    messages: list[dict[str, str]] | None = None
+    prompt_ids: list[int] | None = None
     prompt: str | None = None
     prefill_text: str | None = None
     prefill_ids: list[int] | None = None
+    user: str | None = None
     max_new_tokens: int = 64
     temperature: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if (self.messages is None) == (self.prompt is None):
-            raise ValueError("GenRequest needs exactly one of messages (chat) or prompt (raw completion)")
+        if (self.prompt_ids is None) == (self.prompt is None):
+            raise ValueError("GenRequest needs exactly one of prompt_ids (rendered) or prompt (raw completion)")
         if self.prefill_text is not None and self.prefill_ids is not None:
             raise ValueError("GenRequest: give prefill_text or prefill_ids, not both")
 
@@ -57,11 +62,10 @@ class GenRequest:
         return cls(**json.loads(text))
 
     def display(self) -> str:
-        """Human-readable prompt for generations.jsonl (the last user turn, or the raw prompt)."""
-        if self.prompt is not None:
-            return self.prompt
-        users = [m["content"] for m in self.messages or [] if m.get("role") == "user"]
-        return users[-1] if users else ""
+        """Human-readable prompt for generations.jsonl (the user turn, or the raw prompt)."""
+        if self.user is not None:
+            return self.user
+        return self.prompt or ""
 
 
 class Engine(Protocol):
@@ -69,17 +73,11 @@ class Engine(Protocol):
 
 
 def render_prompt_ids(tokenizer: Any, req: GenRequest) -> list[int]:
-    """The exact token ids the model is fed: template (chat) or raw text, then the prefill."""
-    if req.messages is not None:
-        if req.prefill_text is not None:
-            # Continue the final assistant message (what vLLM's continue_final_message does).
-            msgs = list(req.messages) + [{"role": "assistant", "content": req.prefill_text}]
-            text = tokenizer.apply_chat_template(
-                msgs, tokenize=False, add_generation_prompt=False, continue_final_message=True
-            )
-            return list(tokenizer.encode(text, add_special_tokens=False))
-        text = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
+    """The exact token ids the model is fed: the rendered prompt (or raw text), then the prefill."""
+    if req.prompt_ids is not None:
+        ids = [int(i) for i in req.prompt_ids]
+        if req.prefill_text:
+            ids += list(tokenizer.encode(req.prefill_text, add_special_tokens=False))
     else:
         ids = list(tokenizer.encode(req.prompt + (req.prefill_text or ""), add_special_tokens=True))
     if req.prefill_ids:

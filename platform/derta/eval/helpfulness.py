@@ -9,7 +9,8 @@ Benchmarks (eval.helpfulness) and what a row scores:
                 LLM/HTTP judge (needs eval.judge=llm|http; skipped with a reason otherwise).
 * over_refusal  benign prompts that look risky (XSTest-style; the project's own set below, or a file):
                 refusal rate, reported as metrics["over_refusal"].
-Pure functions: building requests and scoring; the runner does the generation.
+Pure functions: building requests (rendered with the evaluated model's derta.prompts.Renderer,
+the same template as the safety attacks) and scoring; the runner does the generation.
 """
 
 from __future__ import annotations
@@ -90,32 +91,32 @@ def _file_rows(name: str, files: dict[str, str], need_answer: bool) -> list[tupl
     return rows
 
 
-def build_items(name: str, cfg: Any) -> list[HelpItem]:
-    """Requests for one helpfulness benchmark (limited by eval.limit)."""
+def build_items(name: str, cfg: Any, renderer: Any = None) -> list[HelpItem]:
+    """Requests for one helpfulness benchmark (limited by eval.limit), rendered by `renderer`."""
     e = eval_cfg(cfg)
     files = dict(e.helpfulness_files)
     items: list[HelpItem] = []
     if name == "demo":
         from derta.demo import helpful_pairs
 
-        items = [HelpItem("demo", str(i), p.query, chat_request(p.query, e), p.response) for i, p in enumerate(helpful_pairs("heldout"))]
+        items = [HelpItem("demo", str(i), p.query, chat_request(p.query, e, renderer), p.response) for i, p in enumerate(helpful_pairs("heldout"))]
     elif name == "over_refusal":
         if files.get("over_refusal"):
             prompts = [(str(n), r["question"]) for n, r in _file_rows("over_refusal", files, False)]
         else:
             prompts = [(str(i), p) for i, p in enumerate(OVER_REFUSAL_PROMPTS)]
-        items = [HelpItem("over_refusal", i, p, chat_request(p, e)) for i, p in prompts]
+        items = [HelpItem("over_refusal", i, p, chat_request(p, e, renderer)) for i, p in prompts]
     elif name == "gsm8k":
         for n, r in _file_rows("gsm8k", files, True):
-            items.append(HelpItem("gsm8k", str(n), r["question"], chat_request(r["question"], e), str(r["answer"])))
+            items.append(HelpItem("gsm8k", str(n), r["question"], chat_request(r["question"], e, renderer), str(r["answer"])))
     elif name == "mmlu":
         for n, r in _file_rows("mmlu", files, True):
             q = MMLU_INSTRUCTION.format(question=r["question"])
-            items.append(HelpItem("mmlu", str(n), r["question"], chat_request(q, e), str(r["answer"]).strip()))
+            items.append(HelpItem("mmlu", str(n), r["question"], chat_request(q, e, renderer), str(r["answer"]).strip()))
     elif name == "alpaca":
         for n, r in _file_rows("alpaca", files, False):
             ref = next((r[k] for k in ("reference", "output", "response") if isinstance(r.get(k), str)), None)
-            items.append(HelpItem("alpaca", str(n), r["question"], chat_request(r["question"], e), ref))
+            items.append(HelpItem("alpaca", str(n), r["question"], chat_request(r["question"], e, renderer), ref))
     else:
         raise ConfigError(f"eval.helpfulness: unknown benchmark {name!r}")
     return items[: e.limit] if e.limit else items

@@ -325,26 +325,46 @@ class _VerdictJudge:
 
 
 class LLMJudge(_VerdictJudge):
-    """A classifier model behind the Engine interface (HF, vLLM, or an EngineActor handle)."""
+    """A classifier model behind the Engine interface (HF, vLLM, or an EngineActor handle).
+    harmbench style: a raw completion prompt (the classifier's own format); guard style and
+    pairwise prompts: the classifier's chat template, rendered by derta.prompts (`renderer`, or
+    the engine's tokenizer's chat template)."""
 
     name = "llm"
 
-    def __init__(self, engine: Any, style: str = "harmbench", max_new_tokens: int = 8, tokenizer: Any = None) -> None:
+    def __init__(self, engine: Any, style: str = "harmbench", max_new_tokens: int = 8, tokenizer: Any = None,
+                 renderer: Any = None) -> None:
         super().__init__(tokenizer)
         if style not in ("harmbench", "guard"):
             raise ConfigError(f"LLM judge style {style!r}: expected 'harmbench' or 'guard'")
         self.engine, self.style, self.max_new_tokens = engine, style, max_new_tokens
+        self._renderer = renderer
+
+    @property
+    def renderer(self) -> Any:
+        if self._renderer is None:
+            from derta.prompts import Renderer
+
+            tok = getattr(self.engine, "tokenizer", None)
+            if tok is None:
+                raise ConfigError("eval.judge_model: the LLM judge's engine has no tokenizer to render chat prompts with")
+            self._renderer = Renderer.make("chat_template", tok, "eval.judge_model")
+        return self._renderer
+
+    def chat_requests(self, texts: Sequence[str], max_new_tokens: int) -> list[Any]:
+        """`texts` as user turns in the classifier's chat template."""
+        from derta.eval.engines import GenRequest
+
+        return [GenRequest(prompt_ids=self.renderer.prompt_ids(t), user=t, max_new_tokens=max_new_tokens) for t in texts]
 
     def _verdicts(self, items: Sequence[JudgeInput]) -> list[bool | None]:
         from derta.eval.engines import GenRequest
 
-        reqs = []
-        for x in items:
-            text = judge_prompt(x.question, (x.prefill + x.response) if x.prefill else x.response, self.style)
-            if self.style == "harmbench":
-                reqs.append(GenRequest(prompt=text, max_new_tokens=self.max_new_tokens))
-            else:
-                reqs.append(GenRequest(messages=[{"role": "user", "content": text}], max_new_tokens=self.max_new_tokens))
+        texts = [judge_prompt(x.question, (x.prefill + x.response) if x.prefill else x.response, self.style) for x in items]
+        if self.style == "harmbench":
+            reqs = [GenRequest(prompt=t, max_new_tokens=self.max_new_tokens) for t in texts]
+        else:
+            reqs = self.chat_requests(texts, self.max_new_tokens)
         return [parse_verdict(t) for t in self.engine.generate(reqs)]
 
 

@@ -27,9 +27,10 @@ from derta import storage
 from derta.config import ConfigError, ExperimentConfig
 from derta.eval import helpfulness as hf
 from derta.eval.attacks import AttackPrompt, get_attack, load_questions
-from derta.eval.engines import EngineSpec, GenRequest, engine_actor, load_eval_tokenizer, map_generate, spec_from_config
+from derta.eval.engines import EngineSpec, engine_actor, load_eval_tokenizer, map_generate, spec_from_config
 from derta.eval.judges import JudgeInput, RefusalJudge, agreement, make_judge
 from derta.eval.metrics import compute_metrics
+from derta.prompts import Renderer, eval_renderer
 
 log = logging.getLogger("derta.eval")
 
@@ -69,9 +70,12 @@ def attack_names(cfg: ExperimentConfig) -> list[str]:
     return names
 
 
-def collect_items(cfg: ExperimentConfig, tokenizer: Any = None) -> list[AttackPrompt | hf.HelpItem]:
-    """Every single-pass prompt of this evaluation (PAIR is run separately: it is iterative)."""
+def collect_items(cfg: ExperimentConfig, tokenizer: Any = None, renderer: Renderer | None = None) -> list[AttackPrompt | hf.HelpItem]:
+    """Every single-pass prompt of this evaluation (PAIR is run separately: it is iterative),
+    rendered for the evaluated model's `tokenizer` with the run's template (eval_renderer)."""
     e = cfg.eval
+    if renderer is None:
+        renderer = eval_renderer(cfg, tokenizer if tokenizer is not None else load_eval_tokenizer(cfg.model.name_or_path))
     names = attack_names(cfg)
     for a in names:
         get_attack(a)
@@ -85,13 +89,13 @@ def collect_items(cfg: ExperimentConfig, tokenizer: Any = None) -> list[AttackPr
             continue  # iterative: run_pair
         mod = get_attack(a)
         if a in e.prompt_files:
-            items += mod.from_prompt_file(e.prompt_files[a], e, tokenizer=tokenizer)
+            items += mod.from_prompt_file(e.prompt_files[a], e, renderer)
         else:
             if not questions:
                 raise ConfigError(f"eval.attacks includes {a!r} but eval.questions gives no questions")
-            items += mod.build(questions, e, tokenizer=tokenizer)
+            items += mod.build(questions, e, renderer)
     for b in dict.fromkeys(e.helpfulness):
-        items += hf.build_items(b, e)
+        items += hf.build_items(b, e, renderer)
     keys = [it.key for it in items]
     if len(set(keys)) != len(keys):
         raise ConfigError("eval: duplicate prompt keys (the same attack listed twice?)")
@@ -251,7 +255,7 @@ def _judge_completer(cfg: ExperimentConfig, cache_dir: str | None):
     judge = make_judge(cfg.eval, cache_dir=cache_dir)
     if cfg.eval.judge == "http":
         return lambda prompts: [judge.complete([{"role": "user", "content": p}]) for p in prompts]
-    return lambda prompts: judge.engine.generate([GenRequest(messages=[{"role": "user", "content": p}], max_new_tokens=4) for p in prompts])
+    return lambda prompts: judge.engine.generate(judge.chat_requests(prompts, 4))
 
 
 def alpaca_pass(cfg: ExperimentConfig, rows: list[dict[str, Any]], cache_dir: str | None) -> dict[str, Any]:
@@ -274,7 +278,8 @@ def alpaca_pass(cfg: ExperimentConfig, rows: list[dict[str, Any]], cache_dir: st
     return {}
 
 
-def run_pair(cfg: ExperimentConfig, spec: EngineSpec, done: dict[str, Any], writer: PartialWriter) -> None:
+def run_pair(cfg: ExperimentConfig, spec: EngineSpec, done: dict[str, Any], writer: PartialWriter,
+             renderer: Renderer) -> None:
     """PAIR is a driver-side loop (attacker -> target -> judge, batched per round). On GPU the
     target and attacker are EngineActors (each with its own GPUs); on CPU they are engines in this
     process, which avoids starting more workers for a CPU-sized model."""
@@ -293,8 +298,11 @@ def run_pair(cfg: ExperimentConfig, spec: EngineSpec, done: dict[str, Any], writ
     else:
         target = make_engine(spec)
         attacker = target if att_spec.model == spec.model else make_engine(att_spec)
+    # the attacker is the target (same renderer) or its own model, prompted in its chat template
+    att_renderer = renderer if att_spec.model == spec.model else Renderer.make(
+        "chat_template", load_eval_tokenizer(att_spec.model), "eval.pair.attacker_model")
     judge = make_judge(cfg.eval, cache_dir=None)
-    rows = pair.run(todo, cfg.eval, target, attacker, judge, settings)
+    rows = pair.run(todo, cfg.eval, target, attacker, judge, settings, renderer=renderer, attacker_renderer=att_renderer)
     judge_rows(rows, judge, RefusalJudge())
     writer.add(rows)
 
@@ -309,7 +317,8 @@ def evaluate(cfg: ExperimentConfig, paths: Any, model_dir: str | None = None, tr
     model = model_dir or cfg.model.name_or_path
     ensure_ray(cfg)
     tokenizer = load_eval_tokenizer(model)
-    items = collect_items(cfg, tokenizer)
+    renderer = eval_renderer(cfg, tokenizer)  # ConfigError (data.template / eval.template) before any work
+    items = collect_items(cfg, tokenizer, renderer)
     spec = spec_from_config(cfg, model)
     cache_dir = None if storage.is_s3(paths.eval) else os.path.join(paths.eval, "judge_cache")
 
@@ -319,7 +328,7 @@ def evaluate(cfg: ExperimentConfig, paths: Any, model_dir: str | None = None, tr
     log.info("eval: %d prompts (%d already done), engine=%s, model=%s", len(items), len(items) - len(todo), spec.kind, model)
     generate_and_judge(cfg, spec, todo, writer, cache_dir)
     if "pair" in attack_names(cfg) and "pair" not in cfg.eval.prompt_files:
-        run_pair(cfg, spec, done, writer)
+        run_pair(cfg, spec, done, writer, renderer)
     writer.close()
 
     by_key = {r["key"]: r for r in writer.rows}

@@ -3,10 +3,12 @@ pre-built prompt files in the paper's format (`from_prompt_file`, one {"question
 
 Every attack exposes the same three names:
     NAME                                         the attack's name in eval.attacks
-    build(questions, cfg, tokenizer=None)        -> list[AttackPrompt]
-    from_prompt_file(path, cfg)                  -> list[AttackPrompt]
-`cfg` is the EvalConfig (an ExperimentConfig is accepted too). The plain question is kept on every
-prompt, because judges check relevance against it, not against the attack wrapper.
+    build(questions, cfg, renderer)              -> list[AttackPrompt]
+    from_prompt_file(path, cfg, renderer)        -> list[AttackPrompt]
+`cfg` is the EvalConfig (an ExperimentConfig is accepted too); `renderer` is the evaluated model's
+derta.prompts.Renderer (the run's training template unless eval.template says otherwise), so
+every user turn is rendered exactly as training rendered prompts. The plain question is kept on
+every prompt, because judges check relevance against it, not against the attack wrapper.
 PAIR is iterative (attacker + target + judge): its module adds `run(...)`, see pair.py.
 """
 
@@ -50,10 +52,13 @@ def eval_cfg(cfg: Any) -> EvalConfig:
     return cfg.eval if hasattr(cfg, "eval") else cfg
 
 
-def chat_request(text: str, cfg: Any, **kw: Any) -> GenRequest:
+def chat_request(text: str, cfg: Any, renderer: Any, **kw: Any) -> GenRequest:
+    """`text` as the user turn, rendered with the model's template (derta.prompts.Renderer)."""
+    if renderer is None:
+        raise ValueError("attack prompts need the model's renderer (derta.prompts.Renderer) to render the user turn")
     e = eval_cfg(cfg)
     return GenRequest(
-        messages=[{"role": "user", "content": text}], max_new_tokens=e.max_new_tokens, temperature=e.temperature,
+        prompt_ids=renderer.prompt_ids(text), user=text, max_new_tokens=e.max_new_tokens, temperature=e.temperature,
         seed=e.seed, **kw,
     )
 
@@ -144,7 +149,7 @@ def load_questions(source: SourceConfig | None, limit: int | None = None) -> lis
     return qs[:limit] if limit else qs
 
 
-def file_prompts(attack: str, uri: str, cfg: Any, *, raw: bool = False, goal=None) -> list[AttackPrompt]:
+def file_prompts(attack: str, uri: str, cfg: Any, renderer: Any = None, *, raw: bool = False, goal=None) -> list[AttackPrompt]:
     """AttackPrompts from a prompt file; `goal(prompt)` recovers the plain question if it can."""
     e = eval_cfg(cfg)
     rows = read_prompt_file(uri)
@@ -152,7 +157,7 @@ def file_prompts(attack: str, uri: str, cfg: Any, *, raw: bool = False, goal=Non
         rows = rows[: e.limit]
     out = []
     for n, text in rows:
-        req = raw_request(text, cfg) if raw else chat_request(text, cfg)
+        req = raw_request(text, cfg) if raw else chat_request(text, cfg, renderer)
         q = (goal(text) if goal else None) or text
         out.append(AttackPrompt(attack, f"file:{n}", q, req, meta={"file": uri}))
     return out

@@ -21,9 +21,9 @@ MESSAGE = (
 )
 
 
-def build(questions: list, cfg: Any, tokenizer: Any = None) -> list:
+def build(questions: list, cfg: Any, renderer: Any = None) -> list:
     raise ConfigError(MESSAGE)
 
 
-def from_prompt_file(uri: str, cfg: Any, tokenizer: Any = None) -> list:
+def from_prompt_file(uri: str, cfg: Any, renderer: Any = None) -> list:
     raise ConfigError(MESSAGE)

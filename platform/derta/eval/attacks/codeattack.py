@@ -55,9 +55,9 @@ def decode(prompt: str) -> str | None:
     return " ".join(reversed(words)) if words else None
 
 
-def build(questions: list[Question], cfg: Any, tokenizer: Any = None) -> list[AttackPrompt]:
-    return [AttackPrompt(NAME, q.id, q.question, chat_request(render(q.question), cfg)) for q in questions]
+def build(questions: list[Question], cfg: Any, renderer: Any = None) -> list[AttackPrompt]:
+    return [AttackPrompt(NAME, q.id, q.question, chat_request(render(q.question), cfg, renderer)) for q in questions]
 
 
-def from_prompt_file(uri: str, cfg: Any, tokenizer: Any = None) -> list[AttackPrompt]:
-    return file_prompts(NAME, uri, cfg, goal=decode)
+def from_prompt_file(uri: str, cfg: Any, renderer: Any = None) -> list[AttackPrompt]:
+    return file_prompts(NAME, uri, cfg, renderer, goal=decode)

@@ -67,9 +67,9 @@ def goal(prompt: str) -> str:
     return re.split(r":?\s*\n\s*Step 1:", prompt, maxsplit=1)[0].strip()
 
 
-def build(questions: list[Question], cfg: Any, tokenizer: Any = None) -> list[AttackPrompt]:
+def build(questions: list[Question], cfg: Any, renderer: Any = None) -> list[AttackPrompt]:
     return [AttackPrompt(NAME, q.id, q.question, raw_request(rewrite(q.question), cfg)) for q in questions]
 
 
-def from_prompt_file(uri: str, cfg: Any, tokenizer: Any = None) -> list[AttackPrompt]:
+def from_prompt_file(uri: str, cfg: Any, renderer: Any = None) -> list[AttackPrompt]:
     return file_prompts(NAME, uri, cfg, raw=True, goal=goal)

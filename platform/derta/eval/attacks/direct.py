@@ -9,9 +9,9 @@ from derta.eval.attacks import AttackPrompt, Question, chat_request, file_prompt
 NAME = "direct"
 
 
-def build(questions: list[Question], cfg: Any, tokenizer: Any = None) -> list[AttackPrompt]:
-    return [AttackPrompt(NAME, q.id, q.question, chat_request(q.question, cfg)) for q in questions]
+def build(questions: list[Question], cfg: Any, renderer: Any = None) -> list[AttackPrompt]:
+    return [AttackPrompt(NAME, q.id, q.question, chat_request(q.question, cfg, renderer)) for q in questions]
 
 
-def from_prompt_file(uri: str, cfg: Any, tokenizer: Any = None) -> list[AttackPrompt]:
-    return file_prompts(NAME, uri, cfg)
+def from_prompt_file(uri: str, cfg: Any, renderer: Any = None) -> list[AttackPrompt]:
+    return file_prompts(NAME, uri, cfg, renderer)

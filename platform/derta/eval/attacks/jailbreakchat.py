@@ -60,14 +60,14 @@ def goal(prompt: str) -> str:
     return re.split(r"\s+Remember:", last, maxsplit=1)[0]
 
 
-def build(questions: list[Question], cfg: Any, tokenizer: Any = None) -> list[AttackPrompt]:
+def build(questions: list[Question], cfg: Any, renderer: Any = None) -> list[AttackPrompt]:
     seed = eval_cfg(cfg).seed
     out = []
     for q in questions:
         t = choose(q.id, seed)
-        out.append(AttackPrompt(NAME, q.id, q.question, chat_request(render(q.question, t), cfg), meta={"template": t}))
+        out.append(AttackPrompt(NAME, q.id, q.question, chat_request(render(q.question, t), cfg, renderer), meta={"template": t}))
     return out
 
 
-def from_prompt_file(uri: str, cfg: Any, tokenizer: Any = None) -> list[AttackPrompt]:
-    return file_prompts(NAME, uri, cfg, goal=goal)
+def from_prompt_file(uri: str, cfg: Any, renderer: Any = None) -> list[AttackPrompt]:
+    return file_prompts(NAME, uri, cfg, renderer, goal=goal)

@@ -2,9 +2,11 @@
 the model continues from there. The attack DeRTa targets most directly (RTO teaches a refusal at
 every position of a harmful response), swept over k in eval.prefill_k.
 
-With a tokenizer (the runner always passes the target model's) the prefill is exactly the first k
-token ids of the harmful response, appended after the template's assistant header, so nothing is
-re-tokenised at the seam. Without one, k counts whitespace words and the prefill is text.
+The prefill is exactly the first k token ids of the harmful response as the data build holds
+them for harmful-prefix training rows (derta.prompts.prefill_ids: encoded with the template's
+lead, " " for inst), appended after the rendered prompt, so the attack prompt for (q, harmful, k)
+is the token prefix of the training row built from the same (q, harmful, k): nothing is
+re-tokenised at the seam.
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ from derta.eval.attacks import AttackPrompt, Question, chat_request, eval_cfg, r
 NAME = "prefill"
 
 
-def prefill_ids(tokenizer: Any, harmful: str, k: int) -> list[int]:
-    """The first k tokens of the harmful response (k clipped to its length)."""
-    return list(tokenizer.encode(harmful, add_special_tokens=False))[: max(0, k)]
-
-
-def build(questions: list[Question], cfg: Any, tokenizer: Any = None) -> list[AttackPrompt]:
+def build(questions: list[Question], cfg: Any, renderer: Any = None) -> list[AttackPrompt]:
+    if renderer is None:
+        raise ValueError("prefill prompts need the model's renderer (derta.prompts.Renderer)")
     e = eval_cfg(cfg)
     usable = [q for q in questions if q.harmful]
     if questions and not usable:
@@ -34,20 +33,15 @@ def build(questions: list[Question], cfg: Any, tokenizer: Any = None) -> list[At
     for q in usable:
         for k in e.prefill_k:
             if k <= 0:
-                out.append(AttackPrompt(NAME, q.id, q.question, chat_request(q.question, e), k=0, prefill=""))
+                out.append(AttackPrompt(NAME, q.id, q.question, chat_request(q.question, e, renderer), k=0, prefill=""))
                 continue
-            if tokenizer is not None:
-                ids = prefill_ids(tokenizer, q.harmful, k)
-                text = tokenizer.decode(ids)
-                req = chat_request(q.question, e, prefill_ids=ids)
-            else:
-                text = " ".join(q.harmful.split()[:k])
-                req = chat_request(q.question, e, prefill_text=text)
-            out.append(AttackPrompt(NAME, q.id, q.question, req, k=k, prefill=text))
+            ids = renderer.prefill_ids(q.harmful, k)
+            req = chat_request(q.question, e, renderer, prefill_ids=ids)
+            out.append(AttackPrompt(NAME, q.id, q.question, req, k=k, prefill=renderer.tokenizer.decode(ids)))
     return out
 
 
-def from_prompt_file(uri: str, cfg: Any, tokenizer: Any = None) -> list[AttackPrompt]:
+def from_prompt_file(uri: str, cfg: Any, renderer: Any = None) -> list[AttackPrompt]:
     """A JSONL of {"question": ..., "harmful": ...} (or "response"/"prefill" for the harmful text)."""
     qs = []
     for n, row in read_rows(uri):
@@ -57,4 +51,4 @@ def from_prompt_file(uri: str, cfg: Any, tokenizer: Any = None) -> list[AttackPr
             raise ConfigError(f"{uri}:{n}: prefill prompt files need 'question' and 'harmful' fields")
         qs.append(Question(f"file:{n}", q, harmful, uri))
     e = eval_cfg(cfg)
-    return build(qs[: e.limit] if e.limit else qs, cfg, tokenizer)
+    return build(qs[: e.limit] if e.limit else qs, cfg, renderer)
