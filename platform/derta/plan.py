@@ -377,10 +377,10 @@ def data_counts(cfg: ExperimentConfig) -> DataCounts:
         for k in M.SAFETY_ORDER:
             a = amounts.get(k, 0)
             if a:
-                terms.append(f"{k} = " + (f"{a:g} x {n}" if isinstance(a, float) else f"min({a}, {n})"))
+                terms.append(f"{k} = " + (f"{a} x {n}" if isinstance(a, float) else f"min({a}, {n})"))
     if d.helpful is not None and amounts.get("helpful"):
         a = amounts["helpful"]
-        terms.append("helpful = " + (f"{a:g} x M" if isinstance(a, float) else f"min({a}, M)"))
+        terms.append("helpful = " + (f"{a} x M" if isinstance(a, float) else f"min({a}, M)"))
     lines.append(", ".join(terms) or "no samples")
     if d.mix.triples == "shared":
         lines.append("(triples shared: the safety kinds draw from the same triples)")
