@@ -149,7 +149,7 @@ def check(cfg: ExperimentConfig, stages: Iterable[str] = ("train", "eval"), *, p
         problems.append(p)
     if "data" in stages:
         notes += attempt(check_data, cfg) or []
-    if "generate" in stages and cfg.data.safety is None:
+    if ("generate" in stages or ("data" in stages and cfg.data.generate)) and cfg.data.safety is None:
         problems.append("data.safety: response generation fills the safety source's rows, but data.safety is not set")
     if "eval" in stages:
         _check_eval(cfg, problems)
