@@ -93,6 +93,19 @@ def test_gpu_engines_and_judges_need_a_declared_gpu(tiny_model_dir, tmp_path):
     assert check(demo_cfg(tiny_model_dir, tmp_path, *judge, "eval.engine=auto", "train.use_gpu=true"), ("eval",)) == []
 
 
+def test_llm_judge_built_in_a_driver_without_gpu(tiny_model_dir, tmp_path, monkeypatch):
+    """PAIR builds its LLM judge in the driver; on a GPU cluster with a CPU-only head that fails."""
+    monkeypatch.setattr("derta.preflight.driver_gpu", lambda: False)
+    sets = ("train.use_gpu=true", "eval.engine=vllm", "eval.judge=llm", f"eval.judge_model={tiny_model_dir}")
+    with pytest.raises(ConfigError, match="eval.judge=llm: pair build the LLM judge in the driver"):
+        check(demo_cfg(tiny_model_dir, tmp_path, *sets, "eval.attacks=[prefill, pair]"), ("eval",))
+    assert any("in the driver" in n for n in check(demo_cfg(tiny_model_dir, tmp_path, *sets, "eval.attacks=[pair]"),
+                                                   ("eval",), planning=True))
+    assert check(demo_cfg(tiny_model_dir, tmp_path, *sets), ("eval",)) == []  # prefill only: the judge is an actor
+    monkeypatch.setattr("derta.preflight.driver_gpu", lambda: True)
+    assert check(demo_cfg(tiny_model_dir, tmp_path, *sets, "eval.attacks=[pair]"), ("eval",)) == []
+
+
 def test_storage_root_that_cannot_be_written(tiny_model_dir, tmp_path):
     a_file = tmp_path / "not-a-dir"
     a_file.write_text("x")

@@ -157,6 +157,8 @@ def check(cfg: ExperimentConfig, stages: Iterable[str] = ("train", "eval"), *, p
         _check_judge(cfg, problems)
     if stages & {"eval", "generate"}:
         _check_gpu(cfg, problems, notes)
+    if "eval" in stages:
+        _check_driver_judge(cfg, planning, problems, notes)
     if stages & set(MODEL_STAGES):
         _check_model(cfg, stages, planning, problems, notes)
     if problems:
@@ -198,6 +200,30 @@ def _check_gpu(cfg: ExperimentConfig, problems: list[str], notes: list[str]) -> 
     if e.judge == "llm" and e.engine != "hf":
         problems.append(f"eval.judge=llm serves {e.judge_model} on a GPU engine (eval.engine={e.engine}), but the config "
                         "declares no GPU (train.use_gpu: false): set train.use_gpu: true, or eval.engine: hf for a CPU judge")
+
+
+def driver_gpu() -> bool:
+    """Whether this process (the job's driver, where preflight runs) sees a GPU."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch CUDA build: no GPU
+        return False
+
+
+def _check_driver_judge(cfg: ExperimentConfig, planning: bool, problems: list[str], notes: list[str]) -> None:
+    """PAIR and alpaca's pairwise win rate build the LLM judge in the driver (eval/runner.py),
+    and eval.engine auto/vllm on a GPU cluster puts it on a GPU: a CPU-only head cannot."""
+    e = cfg.eval
+    users = (["pair"] if "pair" in e.attacks and "pair" not in e.prompt_files else []) + (
+        ["alpaca"] if "alpaca" in e.helpfulness else [])
+    if not (users and e.judge == "llm" and e.engine != "hf" and cfg.train.use_gpu) or driver_gpu():
+        return
+    what = (f"eval.judge=llm: {' and '.join(users)} build the LLM judge in the driver, on a GPU engine "
+            f"(eval.engine={e.engine}), but this driver has no GPU (a CPU-only head); use eval.judge=http, "
+            "or run the driver on a GPU node")
+    (notes if planning else problems).append(what)
 
 
 def _check_model(cfg: ExperimentConfig, stages: set[str], planning: bool, problems: list[str], notes: list[str]) -> None:
