@@ -1,7 +1,8 @@
-"""What every job in this directory shares: a YAML config plus `--set` overrides, `--plan`, Ray
-started with the project's runtime env, and the exit codes of the `derta` command (0 success,
-1 failure or a plan that does not fit, 2 bad config). The job files only name a config and a
-pipeline function. Import this after putting platform/ on sys.path (each job does it first).
+"""What every job in this directory shares: a YAML config plus `--set` overrides, derta.preflight
+at config load (before Ray), `--plan`, Ray started with the project's runtime env, and the exit
+codes of the `derta` command (0 success, 1 failure or a plan that does not fit, 2 bad config).
+The job files only name a config and a pipeline function. Import this after putting platform/
+on sys.path (each job does it first).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from derta.config import ConfigError, ExperimentConfig, load_config
+from derta.preflight import check
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -43,6 +45,8 @@ def main(run: Callable[[ExperimentConfig], object], config: str | Path, doc: str
             from derta.twin import cpu_twin
 
             cfg = cpu_twin(cfg, args.twin, args.overrides)
+        for note in check(cfg, tuple(stages), planning=args.plan):  # before Ray: exit 2 for what would fail later
+            print(f"note: {note}", file=sys.stderr)
         if args.plan:
             if plan is not None:
                 return 0 if plan(cfg) else 1

@@ -82,6 +82,17 @@ def test_cli_exit_code_2_on_bad_config(tmp_path, capsys):
     assert main(["plan", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_no_silent_data_defaults():
+    """An omitted source is no data: builtin:demo only where a config names it (demo.yaml does)."""
+    cfg = ExperimentConfig()
+    assert cfg.data.safety is None and cfg.data.helpful is None and cfg.eval.questions is None
+    assert cfg.data.mix.triples == "disjoint"
+    demo = load_config(None)
+    assert demo.data.safety.uri == demo.data.helpful.uri == demo.eval.questions.uri == "builtin:demo"
+    with pytest.raises(ConfigError, match="data.mix.triples"):
+        load_config(None, ["data.mix.triples=overlap"])
+
+
 def test_set_dotted_revalidates():
     cfg = ExperimentConfig()
     new = set_dotted(cfg, "train.loss.w_rto", 0.25)
@@ -108,7 +119,9 @@ def test_secrets_are_redacted_everywhere(tmp_path, capsys):
     assert redact({"aws_secret_access_key": "x", "password": "y", "max_new_tokens": 5}) == {
         "aws_secret_access_key": "***", "password": "***", "max_new_tokens": 5}
     # `derta plan` prints the config: no secret on screen either.
-    p = write(tmp_path, yaml.safe_dump({"tracking": {"uri": "https://bob:pa55word@host/"}}))
+    p = write(tmp_path, yaml.safe_dump({"tracking": {"uri": "https://bob:pa55word@host/"},
+                                        "data": {"safety": {"uri": "builtin:demo"}},
+                                        "eval": {"questions": {"uri": "builtin:demo"}}}))
     assert main(["plan", "--config", str(p)]) == 0
     out = capsys.readouterr().out
     assert "pa55word" not in out and "bob:***@host" in out

@@ -103,6 +103,9 @@ def test_bad_rows_error_skip_and_empty(ray_local, tiny_model_dir, tmp_path):
     plan = pipeline.make_plan(limited)  # the scan pass alone decides limits, skips and the mix
     assert plan.sources["safety"]["rows"] == 4 and plan.roles["safety"].kinds.counts() == {"vanilla": 3}
     assert plan.skipped == {"safety:empty:safe": 1}
+    from derta.data.plan import local_plan  # `derta plan`'s counts: the same plan, read without Ray
+
+    assert local_plan(limited).sources == plan.sources and local_plan(cfg).sources["safety"]["kinds"] == {"vanilla": 18}
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -151,7 +151,7 @@ def test_prefill_sweeps_k_and_needs_harmful_responses(R, tiny_tokenizer):
 
 
 def test_builtin_demo_questions_have_harmful_responses():
-    qs = load_questions(EvalConfig().questions, limit=5)
+    qs = load_questions(EvalConfig(questions={"uri": "builtin:demo"}).questions, limit=5)
     assert len(qs) == 5 and all(q.harmful and q.id.startswith("demo:") for q in qs)
 
 

@@ -83,7 +83,8 @@ def test_job_main_exit_codes_and_overrides(job_main, tmp_path, capsys, monkeypat
     seen = []
     monkeypatch.setattr("derta.runtime_env.init_ray", lambda cfg: seen.append(("init", cfg.train.lr)))
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(yaml.safe_dump({"train": {"lr": 0.5}}))
+    cfg_file.write_text(yaml.safe_dump({"train": {"lr": 0.5}, "data": {"safety": {"uri": "builtin:demo"}},
+                                        "eval": {"questions": {"uri": "builtin:demo"}}}))
 
     # --set takes several KEY=VALUE at once and may repeat; Ray is initialised before the run.
     rc = job_main(lambda cfg: seen.append(("run", cfg.train.lr, cfg.eval.prefill_k, cfg.eval.limit)), cfg_file, "doc",

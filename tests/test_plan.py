@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from derta.config import load_config
-from derta.plan import GiB, estimate_eval, estimate_memory, make_plan, model_shape, print_plan
+from derta.plan import GiB, data_counts, estimate_eval, estimate_memory, make_plan, model_shape, optimizer_steps, print_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -152,6 +152,38 @@ def test_eval_that_cannot_fit_and_tensor_parallel_across_nodes(shapes):
     assert any("spans more than one" in p for p in make_plan(wide, ("eval",)).problems)
 
 
+def test_recipes_build_the_public_counts_from_the_same_triples(shapes, tmp_path, capsys):
+    """The public code: every helpful pair + 3K RTO + 3K harmful-prefix samples from the SAME 3K
+    triples (here 300 triples, 500 helpful pairs); no held-out split eats into them."""
+    import json
+
+    from derta.data.plan import local_plan
+
+    safety, helpful = tmp_path / "safety.jsonl", tmp_path / "helpful.jsonl"
+    safety.write_text("".join(json.dumps({"query": f"How do I do bad thing {i}?", "safe": "Sorry, I can't help.",
+                                          "harmful": f"Step one of bad thing {i} is easy"}) + "\n" for i in range(300)))
+    helpful.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "output": f"{i + 1}"}) + "\n" for i in range(500)))
+    data = (f"data.safety.uri={safety}", f"data.helpful.uri={helpful}")
+    for job in ("derta_8b", "derta_70b"):
+        cfg = job_config(job, *data)
+        assert (cfg.data.mix.preset, cfg.data.mix.triples, cfg.data.holdout) == ("derta", "shared", 0)
+        assert data_counts(cfg).samples == {"rto": 300, "prefix": 300, "helpful": 500}
+        kinds = local_plan(cfg).roles["safety"].kinds
+        assert all(kinds.kinds_at(rank) == ["rto", "prefix"] for rank in range(300))  # same triples
+    assert optimizer_steps(1100, cfg) == (9, 18)  # ceil(1100 / 128) per epoch, 2 epochs
+    # the comparison setting (equal safety budgets per method) splits the triples; a holdout takes rows
+    assert data_counts(job_config("derta_8b", *data, "data.mix.triples=disjoint")).samples == {
+        "rto": 150, "prefix": 150, "helpful": 500}
+    held = data_counts(job_config("derta_8b", *data, "data.holdout=0.1")).samples
+    assert held["rto"] == held["prefix"] < 300 and held["helpful"] == 500
+    # sources not readable here (the shipped s3:// placeholders): the formula
+    lines = data_counts(job_config("derta_8b")).lines
+    assert data_counts(job_config("derta_8b")).samples is None and "rto = 1.0 x N, prefix = 1.0 x N, helpful = 1.0 x M" in lines
+    assert print_plan(job_config("derta_8b", *data, f"model.name_or_path={shapes['llama3-8b']}"), show_config=False)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "samples: 300 rto + 300 prefix + 500 helpful = 1100; optimizer steps: ceil(1100 / global batch 128) = 9 per epoch, 18 in all" in out
+
+
 def test_cpu_runs_are_not_checked_against_gpu_memory(shapes, capsys):
     cfg = job_config("derta_8b", f"model.name_or_path={shapes['llama3-8b']}", "train.use_gpu=false",
                      "eval.engine=hf", "train.gpu_memory_gb=1")
@@ -179,6 +211,7 @@ def test_plan_exit_codes_from_the_jobs(shapes):
     assert "does not fit" in out["70b_full_8gpu"] and "nothing was requested from Ray" in out["70b_full_8gpu"]
     assert rc["8b"] == 0, out["8b"][-3000:]
     assert "plan fits" in out["8b"] and "8 GPU" in out["8b"] and "optimizer" in out["8b"]
+    assert "triples shared" in out["8b"] and "optimizer steps: ceil(samples / global batch 128)" in out["8b"]
     assert rc["bad"] == 2 and "train.workers" in out["bad"]
 
 

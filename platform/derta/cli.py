@@ -1,7 +1,8 @@
 """The `derta` command: VERB --config FILE.yaml [--set section.key=value ...].
 
-Exit codes: 0 success, 2 bad config or input (the message names the file/field), 1 a failure
-while running.
+Exit codes: 0 success, 2 bad config or input (the message names the file/field; derta.preflight
+checks the model, tokenizer, data, attacks, judges, GPUs and storage at load, before Ray), 1 a
+failure while running or a plan that does not fit.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import traceback
 from typing import Callable
 
 from derta.config import PRESET_CONFIGS, ConfigError, ExperimentConfig, load_config
+from derta.preflight import check
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -107,6 +109,12 @@ def _cmd_judge(cfg: ExperimentConfig, args) -> None:
     judge_file(args.input, args.output, cfg)
 
 
+# What each verb runs, for derta.preflight (train and tune build their data first).
+STAGES: dict[str, tuple[str, ...]] = {
+    "data": ("data",), "train": ("train",), "tune": ("tune",), "eval": ("eval",), "run": ("train", "eval"),
+    "plan": ("train", "eval"), "report": (), "judge": ("judge",),
+}
+
 COMMANDS: dict[str, Callable] = {
     "data": _cmd_data, "train": _cmd_train, "tune": _cmd_tune, "eval": _cmd_eval, "run": _cmd_run,
     "plan": _cmd_plan, "report": _cmd_report, "judge": _cmd_judge,
@@ -117,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config or PRESET_CONFIGS.get(getattr(args, "preset", "demo")), args.overrides)
+        for note in check(cfg, STAGES[args.verb], planning=args.verb == "plan"):
+            print(f"derta: note: {note}", file=sys.stderr)
         COMMANDS[args.verb](cfg, args)
     except ConfigError as e:
         print(f"derta: error: {e}", file=sys.stderr)

@@ -66,6 +66,11 @@ class MixConfig(Strict):
     `auto` follows train.method."""
 
     preset: Literal["auto", "custom", "sft", "vanilla", "recaug", "rto", "derta", "derta_pref"] = "auto"
+    # disjoint: the safety kinds split the triples (equal safety budgets across methods; the derta
+    # preset gives half the triples to RTO and half to harmful-prefix samples). shared: every kind
+    # draws from all the triples (the public recipe: each triple makes one RTO AND one
+    # harmful-prefix sample, so 3K triples build 3K + 3K; the derta preset's halves become 1.0 each).
+    triples: Literal["disjoint", "shared"] = "disjoint"
     helpful: Union[int, float] = 1.0
     vanilla: Union[int, float] = 0
     prefix: Union[int, float] = 0
@@ -104,8 +109,10 @@ class GenerateConfig(Strict):
 
 
 class DataConfig(Strict):
-    safety: SourceConfig = SourceConfig(uri="builtin:demo")
-    helpful: SourceConfig | None = SourceConfig(uri="builtin:demo")
+    # No silent data: an omitted source means no such data (builtin:demo only when named). A
+    # method without the data it trains on is a ConfigError at load (derta.preflight).
+    safety: SourceConfig | None = None
+    helpful: SourceConfig | None = None
     # Pre-built rows in the public code's format ({prefix, text, safe}); used as they are.
     prebuilt: SourceConfig | None = None
     template: Literal["inst", "raw", "chat_template", "llama3"] = "chat_template"
@@ -219,8 +226,9 @@ class EvalConfig(Strict):
     attacks: list[Literal["prefill", "completion", "codeattack", "jailbreakchat", "selfcipher", "pair", "autodan", "direct"]] = [
         "prefill"
     ]
-    # Plain harmful questions (with harmful responses for prefill): "builtin:demo" or a source.
-    questions: SourceConfig | None = SourceConfig(uri="builtin:demo")
+    # Plain harmful questions (with harmful responses for prefill): "builtin:demo" or a source;
+    # None: no questions (attacks then need eval.prompt_files).
+    questions: SourceConfig | None = None
     # Pre-built attack prompt files in the paper's format ({"question": ...} per line), by attack.
     prompt_files: dict[str, str] = {}
     prefill_k: list[int] = [0, 5, 10, 20, 40]

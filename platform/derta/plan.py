@@ -326,6 +326,67 @@ def model_shape(cfg: ExperimentConfig, name_or_path: str | None = None) -> Model
                                 cfg.model.trust_remote_code)
 
 
+# --------------------------------------------------------------------------- data and steps
+@dataclass
+class DataCounts:
+    """Samples of each kind the data stage builds (None when the sources are not readable here)
+    and the lines that say how they follow from the sources."""
+
+    samples: dict[str, int] | None
+    lines: list[str]
+
+    @property
+    def total(self) -> int | None:
+        return None if self.samples is None else sum(self.samples.values())
+
+
+def optimizer_steps(samples: int, cfg: ExperimentConfig) -> tuple[int, int]:
+    """(steps per epoch, total steps): ceil(samples / train.global_batch) per epoch (global_batch
+    counts samples), total ceil(epochs x that) unless train.max_steps sets it."""
+    per_epoch = max(1, math.ceil(samples / cfg.train.global_batch))
+    return per_epoch, cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+
+
+def data_counts(cfg: ExperimentConfig) -> DataCounts:
+    """Exact counts from the sources' rows when they are local (derta.data.plan.local_plan: the
+    data stage's own rules, without Ray); otherwise the formula over the source row counts."""
+    from derta.data import mix as M
+    from derta.data.plan import local_plan
+
+    d = cfg.data
+    preset, amounts = M.resolve_mix(d.mix, cfg.train.method)
+    how = f"data.mix preset {preset}, triples {d.mix.triples}"
+    plan = local_plan(cfg)
+    if plan is not None:
+        samples: dict[str, int] = {}
+        lines = [how]
+        for role, src in plan.sources.items():
+            kinds = src["kinds"] if src["kinds"] is not None else {"prebuilt": src["valid"]}
+            for k, c in kinds.items():
+                samples[k] = samples.get(k, 0) + c
+            made = ", ".join(f"{k} {c}" for k, c in kinds.items() if c) or "nothing"
+            lines.append(f"{role}: {src['rows']} rows in {src['uri']} ({src['bad']} bad, {src['heldout']} held out, "
+                         f"{src['eligible']} used) -> {made}")
+        return DataCounts({k: c for k, c in samples.items() if c}, lines)
+    lines = [how + "; the sources are not readable here, so by formula (N safety triples, M helpful pairs):"]
+    if d.prebuilt is not None:
+        return DataCounts(None, lines + [f"prebuilt: every valid row of {d.prebuilt.uri}"])
+    n = "N" if not d.holdout else f"N x (1 - data.holdout {d.holdout:g})"
+    terms = []
+    if d.safety is not None:
+        for k in M.SAFETY_ORDER:
+            a = amounts.get(k, 0)
+            if a:
+                terms.append(f"{k} = " + (f"{a} x {n}" if isinstance(a, float) else f"min({a}, {n})"))
+    if d.helpful is not None and amounts.get("helpful"):
+        a = amounts["helpful"]
+        terms.append("helpful = " + (f"{a} x M" if isinstance(a, float) else f"min({a}, M)"))
+    lines.append(", ".join(terms) or "no samples")
+    if d.mix.triples == "shared":
+        lines.append("(triples shared: the safety kinds draw from the same triples)")
+    return DataCounts(None, lines)
+
+
 # --------------------------------------------------------------------------- output
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
@@ -382,6 +443,20 @@ def print_plan(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, *, show_co
                       f"({model or cfg.model.name_or_path}): weights {plan.eval.weights / GiB:.2f} GiB + KV cache of one batch "
                       f"{plan.eval.kv_cache / GiB:.2f} GiB = {plan.eval.total / GiB:.2f} GiB"
                       + ("" if r.gpus_per_actor else " (on CPU)"))
+    if plan.train is not None:
+        counts = data_counts(cfg)
+        console.rule("data and optimizer steps")
+        for line in counts.lines:
+            console.print(line, markup=False)
+        if counts.total is not None:
+            per_epoch, total = optimizer_steps(counts.total, cfg)
+            kinds = " + ".join(f"{c} {k}" for k, c in counts.samples.items())
+            console.print(f"samples: {kinds} = {counts.total}; optimizer steps: ceil({counts.total} / global batch "
+                          f"{t.global_batch}) = {per_epoch} per epoch, {total} in all"
+                          + (" (train.max_steps)" if t.max_steps else f" ({t.epochs:g} epochs)"), markup=False)
+        else:
+            console.print(f"optimizer steps: ceil(samples / global batch {t.global_batch}) per epoch x {t.epochs:g} epochs"
+                          + (f" (train.max_steps={t.max_steps} caps it)" if t.max_steps else ""), markup=False)
     for note in plan.notes:
         console.print(f"[yellow]note: {note}")
     if not t.use_gpu and plan.train is not None:

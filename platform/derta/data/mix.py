@@ -9,14 +9,19 @@ Presets set the safety kinds, as fractions of the (non-held-out) safety triples;
   derta       half the triples -> rto, the other half -> harmful-prefix samples
   derta_pref  like derta with pref rows instead of rto rows
   auto        the preset named by train.method;  custom: the numbers in data.mix as given
-Choice for derta: disjoint halves, so every preset trains on the same number of safety
-samples (N) and they compare at equal data. The public recipe's overlap (each triple both as
-rto and as prefix sample) is `preset: custom, prefix: 1.0, rto: 1.0`.
-
-Which rows: each row gets u = hash(data.seed, source_id) in [0, 1); rows are ranked by u and
-kinds take consecutive rank ranges [start, start + count) (wrapping around when the counts
-add up to more than N, so kinds overlap only when they must). Counts are exact, the choice
-is deterministic for a seed and independent of partitioning.
+data.mix.triples picks how the safety kinds share the triples:
+  disjoint (default)  the kinds split them: derta gives half to rto, half to prefix, so every
+                      preset trains on the same number of safety samples (N) and they compare
+                      at equal data
+  shared              every kind draws from all the triples, from the same rows: the public
+                      recipe (data/train/generate_training_data.py of the paper's code), where
+                      each of 3K triples makes one rto AND one harmful-prefix sample (3K + 3K);
+                      a preset's fractions become 1.0 each
+Which rows: each row gets u = hash(data.seed, source_id) in [0, 1); rows are ranked by u.
+Disjoint kinds take consecutive rank ranges [start, start + count) (wrapping around when the
+counts add up to more than N, so kinds overlap only when they must); shared kinds all start at
+rank 0 (a count of 3000 of each takes the same 3000 rows). Counts are exact, the choice is
+deterministic for a seed and independent of partitioning.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def resolve_mix(mix: MixConfig, method: str) -> tuple[str, dict[str, int | float
         amounts = {k: getattr(mix, k) for k in SAFETY_ORDER}
     else:
         amounts = dict.fromkeys(SAFETY_ORDER, 0)
-        amounts.update(PRESETS[preset])
+        amounts.update({k: 1.0 if mix.triples == "shared" else v for k, v in PRESETS[preset].items()})
     amounts["helpful"] = mix.helpful
     return preset, amounts
 
@@ -78,8 +83,8 @@ class KindPlan:
         return out
 
 
-def plan_kinds(amounts: dict[str, int | float], kinds: tuple[str, ...], n: int) -> KindPlan:
-    """Lay the kinds' counts out consecutively over the n ranks."""
+def plan_kinds(amounts: dict[str, int | float], kinds: tuple[str, ...], n: int, shared: bool = False) -> KindPlan:
+    """Lay the kinds' counts out consecutively over the n ranks (shared: each from rank 0)."""
     plan = KindPlan(n=n)
     counts = []
     for kind in kinds:
@@ -89,7 +94,7 @@ def plan_kinds(amounts: dict[str, int | float], kinds: tuple[str, ...], n: int) 
         counts.append([kind, c])
     ratios = [amounts.get(k, 0) for k in kinds if isinstance(amounts.get(k, 0), float)]
     total = sum(c for _, c in counts)
-    if ratios and all(isinstance(amounts.get(k, 0), float) for k, c in counts if c) and sum(ratios) <= 1 + 1e-9 and total > n:
+    if not shared and ratios and all(isinstance(amounts.get(k, 0), float) for k, c in counts if c) and sum(ratios) <= 1 + 1e-9 and total > n:
         for item in reversed(counts):  # rounding pushed disjoint ratios past n: give it back
             cut = min(item[1], total - n)
             item[1] -= cut
@@ -98,7 +103,7 @@ def plan_kinds(amounts: dict[str, int | float], kinds: tuple[str, ...], n: int) 
     for kind, c in counts:
         if c:
             plan.ranges.append((kind, start % max(n, 1), c))
-            start += c
+            start += 0 if shared else c
     return plan
 
 

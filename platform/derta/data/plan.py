@@ -142,25 +142,55 @@ def _active_sources(cfg: ExperimentConfig) -> list[tuple[str, Any]]:
     d = cfg.data
     if d.prebuilt is not None:
         return [("prebuilt", d.prebuilt)]
-    out = [("safety", d.safety)]
-    if d.helpful is not None:
-        out.append(("helpful", d.helpful))
-    return out
+    return [(role, src) for role, src in (("safety", d.safety), ("helpful", d.helpful)) if src is not None]
 
 
 def make_plan(cfg: ExperimentConfig) -> Plan:
     """Pass 1: scan every source (Ray Data), validate, split, and fix the mix."""
-    import ray
+    from derta.preflight import check_data
 
+    check_data(cfg)
+    specs = [S.resolve(src, role) for role, src in _active_sources(cfg)]
+    return _fix(cfg, specs, _scan(specs, cfg.data.seed, cfg.data.holdout))
+
+
+LOCAL_SCAN_BYTES = 256 << 20  # `derta plan` counts rows in this process up to this much local data
+
+
+def local_plan(cfg: ExperimentConfig, max_bytes: int = LOCAL_SCAN_BYTES) -> Plan | None:
+    """The same Plan as make_plan, read in this process without Ray, when every source is
+    builtin or a local file (at most max_bytes in all); None otherwise (s3://, hf:, big)."""
+    import os
+
+    specs = []
+    for role, src in _active_sources(cfg):
+        if src.uri.startswith(("s3://", "hf:")) or src.format == "hf":
+            return None
+        try:
+            spec = S.resolve(src, role)
+        except ConfigError:
+            return None
+        specs.append(spec)
+    if sum(os.path.getsize(f) for spec in specs for f in spec.files) > max_bytes:
+        return None
+    d = cfg.data
+    scanned = {}
+    for spec in specs:
+        table = _scan_batch(S.read_records_local(spec), d.seed, d.holdout)
+        order = np.lexsort((table["row"].to_numpy(), table["fidx"].to_numpy()))
+        scanned[spec.role] = table.take(pa.array(order, pa.int64()))
+    return _fix(cfg, specs, scanned)
+
+
+def _fix(cfg: ExperimentConfig, specs: list[S.SourceSpec], scanned: dict[str, pa.Table]) -> Plan:
+    """Apply on_bad_row, limits, the held-out split and the exact mix to the scanned rows."""
     d = cfg.data
     preset, amounts = M.resolve_mix(d.mix, cfg.train.method)
-    specs = [S.resolve(src, role) for role, src in _active_sources(cfg)]
     skipped: Counter = Counter()
     roles: dict[str, RolePlan] = {}
     heldout_rows: list[dict] = []
     sources: dict[str, Any] = {}
     warnings: list[str] = []
-    scanned = _scan(specs, d.seed, d.holdout)
     for spec in specs:
         holdout = d.holdout if spec.role == "safety" else 0.0
         table = scanned[spec.role]
@@ -190,7 +220,7 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
         n_el = len(sorted_u)
         kinds_plan = None
         if spec.role == "safety":
-            kinds_plan = M.plan_kinds(amounts, M.SAFETY_ORDER, n_el)
+            kinds_plan = M.plan_kinds(amounts, M.SAFETY_ORDER, n_el, shared=d.mix.triples == "shared")
         elif spec.role == "helpful":
             kinds_plan = M.plan_kinds(amounts, ("helpful",), n_el)
         if kinds_plan is not None:

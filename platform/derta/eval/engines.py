@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from derta.config import ConfigError, ExperimentConfig
+from derta.preflight import vllm_max_lora_rank
 
 
 # --------------------------------------------------------------------------- requests
@@ -303,7 +304,7 @@ class VLLMEngine:
             kwargs["max_model_len"] = spec.max_model_len
         if adapter:
             with open(os.path.join(adapter, "adapter_config.json")) as f:
-                kwargs["max_lora_rank"] = max(8, int(json.load(f).get("r", 16)))
+                kwargs["max_lora_rank"] = vllm_max_lora_rank(int(json.load(f).get("r", 16)))
         kwargs.update(spec.extra)
         self.llm = LLM(**kwargs)
         self.stop_ids = stop_token_ids(self.tokenizer)
