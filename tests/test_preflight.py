@@ -45,9 +45,11 @@ def test_template_needs_a_chat_template_the_tokenizer_lacks(tiny_model_dir, tmp_
         check(demo_cfg(base, tmp_path), ("train",))
     inst = demo_cfg(base, tmp_path, "data.template=inst")
     assert check(inst, ("train",)) == []
-    # eval renders chat prompts with the tokenizer's template: that fails too, and says so
-    with pytest.raises(ConfigError, match="eval.template=chat_template"):
-        check(inst, ("train", "eval"))
+    # eval renders with the training template (inst here) unless eval.template says otherwise
+    assert check(inst, ("train", "eval")) == []
+    chat_eval = demo_cfg(base, tmp_path, "data.template=inst", "eval.template=chat_template")
+    with pytest.raises(ConfigError, match="eval.template=chat_template: the tokenizer has no chat template"):
+        check(chat_eval, ("train", "eval"))
 
 
 def test_refusal_token_must_be_one_token(tiny_model_dir, tmp_path):

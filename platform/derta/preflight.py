@@ -171,10 +171,9 @@ def _check_eval(cfg: ExperimentConfig, problems: list[str]) -> None:
 
     e = cfg.eval
     for name in dict.fromkeys(e.attacks):
-        try:
-            get_attack(name).build([], e)  # no questions, no work: an attack that is not implemented raises here
-        except ConfigError as err:
-            problems.append(str(err))
+        module = get_attack(name)
+        if not getattr(module, "IMPLEMENTED", True):
+            problems.append(module.MESSAGE)
     need = [a for a in e.attacks if a not in e.prompt_files]
     if need and e.questions is None:
         problems.append(f"eval.questions: eval.attacks {need} build prompts from harmful questions, but "
@@ -271,10 +270,9 @@ def _check_model(cfg: ExperimentConfig, stages: set[str], planning: bool, proble
         except ConfigError as err:
             problems.append(str(err))
     if "eval" in stages:
-        # The engines render chat prompts with the tokenizer's chat template (eval/engines.py);
-        # an eval.template, where the config has one, names the renderer instead.
-        name = getattr(cfg.eval, "template", None) or "chat_template"
+        from derta.prompts import check_template, eval_template
+
         try:
-            make_template(name, tok)
+            check_template(tok, *eval_template(cfg))  # eval renders with eval.template, else data.template
         except ConfigError as err:
-            problems.append(f"eval.template={name} (how eval renders prompts): {err}")
+            problems.append(str(err))

@@ -15,6 +15,7 @@ from typing import Any
 from derta.config import ConfigError
 
 NAME = "autodan"
+IMPLEMENTED = False  # the preflight refuses it at config load
 MESSAGE = (
     "eval.attacks: autodan is not implemented yet; remove it from eval.attacks "
     "(pre-built AutoDAN prompts can be run with eval.prompt_files.direct)"
