@@ -62,11 +62,13 @@ def random_batch(vocab: int, B: int = 3, L: int = 41, packed: bool = True, seed:
 
 
 # --------------------------------------------------------------------------- the paper's equation
-def test_mle_and_rto_equal_the_papers_equation(lm):
+@pytest.mark.parametrize("normalize", ["token_mean", "per_term"])
+def test_mle_and_rto_equal_the_papers_equation(lm, normalize):
     """L = -E log P(r | q, r̂<k) - E Σ_t log P(sorry | q, r̂<t), with E the per-token mean
     (see losses.py): computed here plainly, one position at a time."""
     batch = random_batch(lm.config.vocab_size, packed=False)
-    out = derta_loss(lm, batch, refusal_id=SORRY, transition="rto", w_mle=0.7, w_rto=1.3, chunk_size=5)
+    out = derta_loss(lm, batch, refusal_id=SORRY, transition="rto", w_mle=0.7, w_rto=1.3, chunk_size=5,
+                     normalize=normalize)
 
     mle_sum, n_mle, rto_sum, n_rto = 0.0, 0, 0.0, 0
     with torch.no_grad():
@@ -83,7 +85,10 @@ def test_mle_and_rto_equal_the_papers_equation(lm):
     assert (out.n_mle, out.n_rto) == (n_mle, n_rto)
     assert float(out.loss_mle) == pytest.approx(mle_sum / n_mle, abs=1e-5)
     assert float(out.loss_rto) == pytest.approx(rto_sum / n_rto, abs=1e-5)
-    assert float(out.loss) == pytest.approx(0.7 * mle_sum / n_mle + 1.3 * rto_sum / n_rto, abs=1e-5)
+    if normalize == "per_term":
+        assert float(out.loss) == pytest.approx(0.7 * mle_sum / n_mle + 1.3 * rto_sum / n_rto, abs=1e-5)
+    else:  # one mean over every target token, the weights on each token's term
+        assert float(out.loss) == pytest.approx((0.7 * mle_sum + 1.3 * rto_sum) / (n_mle + n_rto), abs=1e-5)
 
 
 # --------------------------------------------------------------------------- chunked == naive
@@ -174,10 +179,12 @@ def test_rto_keep_changes_the_rto_count_only():
 
 
 # --------------------------------------------------------------------------- derta_pref
-def test_pref_loss_equals_hand_computation(lm, ref_lm):
+@pytest.mark.parametrize("normalize", ["token_mean", "per_term"])
+def test_pref_loss_equals_hand_computation(lm, ref_lm, normalize):
     batch = random_batch(lm.config.vocab_size, packed=False, seed=7)
     beta = 0.25
-    out = derta_loss(lm, batch, refusal_id=SORRY, transition="pref", w_mle=0.0, w_rto=1.0, beta=beta, ref_lm=ref_lm)
+    out = derta_loss(lm, batch, refusal_id=SORRY, transition="pref", w_mle=0.0, w_rto=1.0, beta=beta, ref_lm=ref_lm,
+                     normalize=normalize)
     total, n = 0.0, 0
     with torch.no_grad():
         for b in range(batch["input_ids"].shape[0]):
@@ -193,7 +200,9 @@ def test_pref_loss_equals_hand_computation(lm, ref_lm):
                 n += 1
     assert out.n_rto == n
     assert float(out.loss_pref) == pytest.approx(total / n, abs=1e-5)
-    assert float(out.loss) == pytest.approx(total / n, abs=1e-5)
+    # token_mean: the MLE tokens (weight 0 here) still count in the one shared denominator
+    d = n if normalize == "per_term" else n + out.n_mle
+    assert float(out.loss) == pytest.approx(total / d, abs=1e-5)
     # Policy == reference: every margin is 0 and the loss is log 2.
     same = derta_loss(lm, batch, refusal_id=SORRY, transition="pref", w_mle=0.0, beta=beta, ref_lm=lm)
     assert float(same.loss_pref) == pytest.approx(math.log(2.0), abs=1e-6)

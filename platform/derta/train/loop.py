@@ -32,7 +32,7 @@ from derta import telemetry
 from derta.config import ExperimentConfig
 from derta.train import checkpoint as ckpt
 from derta.train import fsdp
-from derta.train.losses import Denominators, DertaObjective, LossSpec, build_targets, combine
+from derta.train.losses import Denominators, DertaObjective, LossSpec, build_targets, combine, denominators
 
 COLUMNS = ("input_ids", "labels", "rto_mask", "position_ids")
 DTYPES = {"input_ids": torch.long, "labels": torch.long, "rto_mask": torch.bool, "position_ids": torch.long}
@@ -350,7 +350,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 micro.append({k: v.to(device) for k, v in b.items()})
             targets = [
                 build_targets(b, rto_keep=tc.loss.rto_keep, seed=step_seed(tc.seed, si, st.step, rank, i),
-                              use_rto=stage["transition"] != "none")
+                              use_rto=stage["transition"] != "none", keep_rule=tc.loss.keep_rule)
                 for i, b in enumerate(micro)
             ]
             counts = _all_reduce(torch.tensor([sum(t.n_mle for t in targets), sum(t.n_rto for t in targets)], dtype=torch.float64, device=device))
@@ -363,13 +363,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         ref = (ref_objective or model)(b, t, refusal_id, tc.loss.chunk_size, reference=True)
                 sync = mode != "ddp" or i == len(micro) - 1
                 ctx = model.no_sync() if not sync else _null()
-                spec = LossSpec(stage["transition"], stage["w_mle"], stage["w_rto"], tc.loss.beta, denom.n_mle, denom.n_rto)
+                spec = LossSpec(stage["transition"], stage["w_mle"], stage["w_rto"], tc.loss.beta,
+                                *denominators(t, denom, tc.loss.normalize))
                 with ctx:
                     loss, logps = model(b, t, refusal_id, tc.loss.chunk_size, spec=spec, ref_logps=ref)
                     (loss * world).backward()  # FSDP/DDP average gradients over ranks
                 with torch.no_grad():  # the logged terms, from the same log-probs
                     out = combine(logps, t, transition=stage["transition"], w_mle=stage["w_mle"], w_rto=stage["w_rto"],
-                                  beta=tc.loss.beta, ref_logps=ref, denom=denom)
+                                  beta=tc.loss.beta, ref_logps=ref, denom=denom, normalize=tc.loss.normalize)
                 sums += torch.stack([loss.detach().float(), out.loss_mle, out.loss_rto, out.loss_pref]).to(torch.float64)
                 tok_window += b["input_ids"].numel()
             grad_norm = fsdp.clip_grad_norm(params, tc.grad_clip)
