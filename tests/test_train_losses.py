@@ -260,18 +260,28 @@ def test_loss_falls_on_the_tiny_model(lm, tiny_tokenizer):
 
 
 def test_step_plan_and_schedule():
-    from derta.train.loop import lr_factor, step_plan
+    from derta.config import ConfigError
+    from derta.train.loop import lr_factor, step_plan, steps_for
 
-    p = step_plan(rows=1000, world=4, micro_batch=4, global_batch=128, epochs=2, max_steps=None, warmup_ratio=0.03)
-    assert p.accum == 8 and p.global_batch == 128
-    assert p.batches_per_epoch == 56 and p.steps_per_epoch == 7 and p.total_steps == 14  # 250 rows/worker -> 62 micro
-    assert p.warmup_steps == 0
-    tiny = step_plan(rows=10, world=2, micro_batch=2, global_batch=128, epochs=1.5, max_steps=None, warmup_ratio=0.0)
-    assert tiny.accum == 2 and tiny.total_steps == 2  # accum capped by the data: one step per epoch
-    assert step_plan(100, 2, 2, 8, 1, 7, 0.0).total_steps == 7
+    # The paper's recipe: ceil(samples / global_batch) steps per epoch (HF Trainer, drop_last False).
+    assert steps_for(1129, 128, 2, None) == 18 and steps_for(1129, 128, 1.5, None) == 14
+    assert steps_for(128, 128, 1, None) == 1 and steps_for(129, 128, 1, None) == 2 and steps_for(5, 128, 3, 7) == 7
+    # 1000 samples, 4 workers x micro 4: rows per step come from pack_steps (multiples of 16).
+    per_step = [32, 32, 48, 32, 32, 32, 32, 16]
+    p = step_plan(per_step, world=4, micro_batch=4, global_batch=128, samples=1000, epochs=2, max_steps=None,
+                  warmup_ratio=0.03)
+    assert p.micro_per_step == (2, 2, 3, 2, 2, 2, 2, 1) and p.accum == 3 and p.global_batch == 128
+    assert p.batches_per_epoch == 16 and p.steps_per_epoch == 8 and p.total_steps == 16 and p.warmup_steps == 0
+    assert [p.accum_at(s) for s in (0, 2, 7, 8, 10)] == [2, 3, 1, 2, 3]  # the same layout every epoch
+    assert step_plan([4], 2, 2, 128, 10, 1.5, None, 0.0).total_steps == 2
+    assert step_plan([4, 4], 2, 2, 8, 9, 1, 7, 0.0).total_steps == 7
     assert [round(lr_factor(s, 2, 10), 4) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.0381]
     with pytest.raises(ValueError):
-        step_plan(rows=3, world=2, micro_batch=2, global_batch=8, epochs=1, max_steps=None, warmup_ratio=0)
+        step_plan([6], world=2, micro_batch=2, global_batch=8, samples=3, epochs=1, max_steps=None, warmup_ratio=0)
+    with pytest.raises(ValueError):  # 9 samples in batches of 8 are 2 steps, not 1
+        step_plan([4], world=2, micro_batch=2, global_batch=8, samples=9, epochs=1, max_steps=None, warmup_ratio=0)
+    with pytest.raises(ConfigError):
+        step_plan([], 2, 2, 8, 0, 1, None, 0)
 
 
 def test_plan_stages_joint_and_sequential():

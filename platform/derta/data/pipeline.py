@@ -300,6 +300,34 @@ def training_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str,
     )
 
 
+def step_datasets(rows_ds, global_batch: int, workers: int, micro_batch: int, packing: bool) -> dict:
+    """Training rows (from training_dataset, or built by hand) -> one Ray dataset per worker,
+    laid out in optimizer steps of global_batch SAMPLES (tokenize.pack_steps): the rows are
+    unpacked into their samples in order (training_dataset already shuffled them, seeded),
+    each step's samples are packed on their own, and row j of a step goes to worker
+    j % workers. Returns {"datasets": [per worker], "rows_per_step": [...], "samples": n,
+    "rows": total rows}. Empty rows pad a step to a multiple of workers · micro_batch: pad id 0
+    (its own document, no targets, so never attended to nor trained on)."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    from derta.data.tokenize import TRAIN_COLUMNS, pack_steps, unpack_rows, worker_rows
+
+    samples, width = [], None
+    for batch in rows_ds.iter_batches(batch_format="numpy", batch_size=PACK_BATCH):
+        if len(batch["input_ids"]):
+            width = width or len(batch["input_ids"][0])
+            samples += unpack_rows(batch)
+    if not samples:
+        return {"datasets": [], "rows_per_step": [], "samples": 0, "rows": 0}
+    rows, per_step = pack_steps(samples, global_batch, width, 0, packing, workers * micro_batch)
+    out = []
+    for idx in worker_rows(per_step, workers):
+        block = BlockAccessor.batch_to_block({k: rows[k][idx] for k in TRAIN_COLUMNS})
+        out.append(ray.data.from_blocks([block]))
+    return {"datasets": out, "rows_per_step": per_step, "samples": len(samples), "rows": int(sum(per_step))}
+
+
 __all__ = [
     "DataManifest", "Plan", "RolePlan", "HOLDOUT_SALT", "build", "build_stream", "training_dataset",
     "samples_dataset", "read_manifest", "data_fingerprint", "make_plan", "shard_uris", "check_template",
