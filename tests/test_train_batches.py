@@ -78,3 +78,16 @@ def test_unpack_drops_padding_documents_only():
     rows = pack_rows(samples, 200, 0, packing=True)
     back = unpack_rows(rows)
     assert [int(s["input_ids"][0]) for s in back] == [int(s["input_ids"][0]) for s in samples]  # first-fit keeps order here
+
+
+def test_public_rule_makes_the_end_token_an_rto_target():
+    """keep_rule public: the end-of-turn ids follow an rto sample's harmful response as RTO
+    targets (the public code labels "<|end_of_text|>" with Sorry too); too long -> unchanged."""
+    from derta.data.tokenize import with_rto_end
+    from derta.data.transitions import rto
+
+    s = rto([5, 6, 7], [20, 21, 22, 23], "x").row()
+    out = with_rto_end(s, (2,), max_len=16)
+    assert list(out["input_ids"]) == [5, 6, 7, 20, 21, 22, 23, 2]
+    assert list(out["rto_mask"]) == [False] * 3 + [True] * 5 and (out["labels"] == -100).all()
+    assert with_rto_end(s, (2,), max_len=7) is s and with_rto_end(s, (), max_len=16) is s

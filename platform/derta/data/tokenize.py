@@ -195,6 +195,22 @@ def pack_rows(samples: Sequence[dict], max_len: int, pad_id: int, packing: bool 
     return rows
 
 
+def with_rto_end(sample: dict, end_ids: Sequence[int], max_len: int) -> dict:
+    """An rto sample with the end-of-turn ids appended as RTO targets (labels -100, rto_mask
+    true), as the public code labels its RTO rows (the response + "<|end_of_text|>", every
+    labelled position -> "Sorry"): the last target is then log P(sorry | q, the whole r̂).
+    A sample that would pass max_len stays as it is (the public code's truncation drops the
+    end token too)."""
+    n, k = len(sample["input_ids"]), len(end_ids)
+    if not k or n + k > max_len:
+        return sample
+    return {
+        "input_ids": np.concatenate([np.asarray(sample["input_ids"], dtype=np.int64), np.asarray(end_ids, dtype=np.int64)]),
+        "labels": np.concatenate([np.asarray(sample["labels"], dtype=np.int64), np.full(k, T.IGNORE, dtype=np.int64)]),
+        "rto_mask": np.concatenate([np.asarray(sample["rto_mask"], dtype=bool), np.ones(k, dtype=bool)]),
+    }
+
+
 def unpack_rows(rows: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """Training rows -> their samples, in row order: each document of a row (position_ids
     restart at 0) that carries a target (a label or an rto_mask position); padding documents

@@ -60,7 +60,7 @@ def plan_stages(cfg: ExperimentConfig) -> list[dict[str, Any]]:
 def _dataset(cfg: ExperimentConfig, paths: RunPaths, kinds: list[str] | None):
     from derta.data.pipeline import training_dataset
 
-    ds = training_dataset(cfg, paths, kinds=kinds)
+    ds = training_dataset(cfg, paths, kinds=kinds, rto_end=True)  # keep_rule public: EOS is an RTO target
     ds = ds.select_columns(["input_ids", "labels", "rto_mask", "position_ids"])
     # Shuffle + packing run once here instead of once per epoch per worker; the row count is
     # then free, and the row order is fixed for every epoch and every resume.
