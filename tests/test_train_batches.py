@@ -91,3 +91,19 @@ def test_public_rule_makes_the_end_token_an_rto_target():
     assert list(out["input_ids"]) == [5, 6, 7, 20, 21, 22, 23, 2]
     assert list(out["rto_mask"]) == [False] * 3 + [True] * 5 and (out["labels"] == -100).all()
     assert with_rto_end(s, (2,), max_len=7) is s and with_rto_end(s, (), max_len=16) is s
+
+
+def test_training_rows_add_the_end_token_to_rto_samples_only():
+    """The Ray Data batch fn of training_dataset (rto_end given, as the trainer asks in public
+    mode): rto samples get the end ids as RTO targets, other kinds are untouched."""
+    from derta.data.pipeline import _pack_batch
+
+    obj = lambda xs: np.array([np.array(x) for x in xs], dtype=object)  # noqa: E731
+    batch = {"kind": np.array(["rto", "helpful"], dtype=object), "input_ids": obj([[1, 2, 3], [4, 5, 6, 7]]),
+             "labels": obj([[-100] * 3, [-100, -100, 6, 7]]), "rto_mask": obj([[False, True, True], [False] * 4])}
+    rows = _pack_batch(batch, 16, 0, True, rto_end=(9,))
+    assert list(rows["input_ids"][0][:8]) == [1, 2, 3, 9, 4, 5, 6, 7]
+    assert list(rows["rto_mask"][0][:8].astype(int)) == [0, 1, 1, 1, 0, 0, 0, 0]
+    assert list(rows["labels"][0][:8]) == [-100] * 6 + [6, 7]
+    plain = _pack_batch(batch, 16, 0, True)
+    assert list(plain["input_ids"][0][:7]) == [1, 2, 3, 4, 5, 6, 7]
