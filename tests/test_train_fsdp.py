@@ -40,7 +40,7 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
 
     from derta.config import FsdpConfig
     from derta.train import fsdp
-    from derta.train.losses import DertaObjective, LossSpec, build_targets
+    from derta.train.losses import Denominators, DertaObjective, LossSpec, build_targets, denominators
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -64,7 +64,9 @@ def _worker(rank: int, port: int, model_dir: str, out_dir: str) -> None:
         counts = torch.tensor([t.n_mle, t.n_rto], dtype=torch.float64)
         dist.all_reduce(counts)
         # What the training loop does: the fused head inside the FSDP root's forward.
-        spec = LossSpec("rto", 1.0, 0.5, 0.1, float(counts[0]), float(counts[1]))
+        # (normalize token_mean, the default: one denominator, the global count of all targets)
+        denom = Denominators(float(counts[0]), float(counts[1]))
+        spec = LossSpec("rto", 1.0, 0.5, 0.1, *denominators(t, denom, "token_mean"))
         loss, _ = model(half, t, 7, 5, spec=spec)
         (loss * 2).backward()  # FSDP averages gradients over the 2 ranks
         loss = loss.detach().clone()

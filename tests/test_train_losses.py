@@ -62,11 +62,13 @@ def random_batch(vocab: int, B: int = 3, L: int = 41, packed: bool = True, seed:
 
 
 # --------------------------------------------------------------------------- the paper's equation
-def test_mle_and_rto_equal_the_papers_equation(lm):
+@pytest.mark.parametrize("normalize", ["token_mean", "per_term"])
+def test_mle_and_rto_equal_the_papers_equation(lm, normalize):
     """L = -E log P(r | q, r̂<k) - E Σ_t log P(sorry | q, r̂<t), with E the per-token mean
     (see losses.py): computed here plainly, one position at a time."""
     batch = random_batch(lm.config.vocab_size, packed=False)
-    out = derta_loss(lm, batch, refusal_id=SORRY, transition="rto", w_mle=0.7, w_rto=1.3, chunk_size=5)
+    out = derta_loss(lm, batch, refusal_id=SORRY, transition="rto", w_mle=0.7, w_rto=1.3, chunk_size=5,
+                     normalize=normalize)
 
     mle_sum, n_mle, rto_sum, n_rto = 0.0, 0, 0.0, 0
     with torch.no_grad():
@@ -83,7 +85,10 @@ def test_mle_and_rto_equal_the_papers_equation(lm):
     assert (out.n_mle, out.n_rto) == (n_mle, n_rto)
     assert float(out.loss_mle) == pytest.approx(mle_sum / n_mle, abs=1e-5)
     assert float(out.loss_rto) == pytest.approx(rto_sum / n_rto, abs=1e-5)
-    assert float(out.loss) == pytest.approx(0.7 * mle_sum / n_mle + 1.3 * rto_sum / n_rto, abs=1e-5)
+    if normalize == "per_term":
+        assert float(out.loss) == pytest.approx(0.7 * mle_sum / n_mle + 1.3 * rto_sum / n_rto, abs=1e-5)
+    else:  # one mean over every target token, the weights on each token's term
+        assert float(out.loss) == pytest.approx((0.7 * mle_sum + 1.3 * rto_sum) / (n_mle + n_rto), abs=1e-5)
 
 
 # --------------------------------------------------------------------------- chunked == naive
@@ -174,10 +179,12 @@ def test_rto_keep_changes_the_rto_count_only():
 
 
 # --------------------------------------------------------------------------- derta_pref
-def test_pref_loss_equals_hand_computation(lm, ref_lm):
+@pytest.mark.parametrize("normalize", ["token_mean", "per_term"])
+def test_pref_loss_equals_hand_computation(lm, ref_lm, normalize):
     batch = random_batch(lm.config.vocab_size, packed=False, seed=7)
     beta = 0.25
-    out = derta_loss(lm, batch, refusal_id=SORRY, transition="pref", w_mle=0.0, w_rto=1.0, beta=beta, ref_lm=ref_lm)
+    out = derta_loss(lm, batch, refusal_id=SORRY, transition="pref", w_mle=0.0, w_rto=1.0, beta=beta, ref_lm=ref_lm,
+                     normalize=normalize)
     total, n = 0.0, 0
     with torch.no_grad():
         for b in range(batch["input_ids"].shape[0]):
@@ -193,7 +200,9 @@ def test_pref_loss_equals_hand_computation(lm, ref_lm):
                 n += 1
     assert out.n_rto == n
     assert float(out.loss_pref) == pytest.approx(total / n, abs=1e-5)
-    assert float(out.loss) == pytest.approx(total / n, abs=1e-5)
+    # token_mean: the MLE tokens (weight 0 here) still count in the one shared denominator
+    d = n if normalize == "per_term" else n + out.n_mle
+    assert float(out.loss) == pytest.approx(total / d, abs=1e-5)
     # Policy == reference: every margin is 0 and the loss is log 2.
     same = derta_loss(lm, batch, refusal_id=SORRY, transition="pref", w_mle=0.0, beta=beta, ref_lm=lm)
     assert float(same.loss_pref) == pytest.approx(math.log(2.0), abs=1e-6)
@@ -251,18 +260,28 @@ def test_loss_falls_on_the_tiny_model(lm, tiny_tokenizer):
 
 
 def test_step_plan_and_schedule():
-    from derta.train.loop import lr_factor, step_plan
+    from derta.config import ConfigError
+    from derta.train.loop import lr_factor, step_plan, steps_for
 
-    p = step_plan(rows=1000, world=4, micro_batch=4, global_batch=128, epochs=2, max_steps=None, warmup_ratio=0.03)
-    assert p.accum == 8 and p.global_batch == 128
-    assert p.batches_per_epoch == 56 and p.steps_per_epoch == 7 and p.total_steps == 14  # 250 rows/worker -> 62 micro
-    assert p.warmup_steps == 0
-    tiny = step_plan(rows=10, world=2, micro_batch=2, global_batch=128, epochs=1.5, max_steps=None, warmup_ratio=0.0)
-    assert tiny.accum == 2 and tiny.total_steps == 2  # accum capped by the data: one step per epoch
-    assert step_plan(100, 2, 2, 8, 1, 7, 0.0).total_steps == 7
+    # The paper's recipe: ceil(samples / global_batch) steps per epoch (HF Trainer, drop_last False).
+    assert steps_for(1129, 128, 2, None) == 18 and steps_for(1129, 128, 1.5, None) == 14
+    assert steps_for(128, 128, 1, None) == 1 and steps_for(129, 128, 1, None) == 2 and steps_for(5, 128, 3, 7) == 7
+    # 1000 samples, 4 workers x micro 4: rows per step come from pack_steps (multiples of 16).
+    per_step = [32, 32, 48, 32, 32, 32, 32, 16]
+    p = step_plan(per_step, world=4, micro_batch=4, global_batch=128, samples=1000, epochs=2, max_steps=None,
+                  warmup_ratio=0.03)
+    assert p.micro_per_step == (2, 2, 3, 2, 2, 2, 2, 1) and p.accum == 3 and p.global_batch == 128
+    assert p.batches_per_epoch == 16 and p.steps_per_epoch == 8 and p.total_steps == 16 and p.warmup_steps == 0
+    assert [p.accum_at(s) for s in (0, 2, 7, 8, 10)] == [2, 3, 1, 2, 3]  # the same layout every epoch
+    assert step_plan([4], 2, 2, 128, 10, 1.5, None, 0.0).total_steps == 2
+    assert step_plan([4, 4], 2, 2, 8, 9, 1, 7, 0.0).total_steps == 7
     assert [round(lr_factor(s, 2, 10), 4) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.0381]
     with pytest.raises(ValueError):
-        step_plan(rows=3, world=2, micro_batch=2, global_batch=8, epochs=1, max_steps=None, warmup_ratio=0)
+        step_plan([6], world=2, micro_batch=2, global_batch=8, samples=3, epochs=1, max_steps=None, warmup_ratio=0)
+    with pytest.raises(ValueError):  # 9 samples in batches of 8 are 2 steps, not 1
+        step_plan([4], world=2, micro_batch=2, global_batch=8, samples=9, epochs=1, max_steps=None, warmup_ratio=0)
+    with pytest.raises(ConfigError):
+        step_plan([], 2, 2, 8, 0, 1, None, 0)
 
 
 def test_plan_stages_joint_and_sequential():

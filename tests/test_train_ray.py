@@ -167,3 +167,26 @@ def test_lora_preference_sequential_trains_and_exports_merged_model_and_adapter(
         plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-4)  # merged weights == base + adapter
     assert not torch.allclose(a, plain, atol=1e-3)  # and training changed something
+
+
+def test_global_batch_counts_samples_on_packed_rows(ray_local, tiny_tokenizer):
+    """Packed demo rows through the trainer's layout: 40 samples in batches of 8 are 5 steps
+    per epoch (ceil(N / B)), each step's rows, over both workers, hold 8 samples."""
+    import numpy as np
+
+    from derta.data.pipeline import step_datasets
+    from derta.data.tokenize import unpack_rows
+
+    rows = to_rows(demo_samples(tiny_tokenizer, 20, 20), 512, tiny_tokenizer.pad_token_id, packing=True)
+    as_arrays = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    assert len(unpack_rows(as_arrays)) == 40 and len(rows) < 20  # packed: fewer rows than samples
+    lay = step_datasets(ray_local.data.from_items(rows), 8, 2, 2, packing=True)
+    assert lay["samples"] == 40 and len(lay["rows_per_step"]) == 5 and lay["rows"] < 40
+    shards = [{k: np.stack([r[k] for r in ds.take_all()]) for k in rows[0]} for ds in lay["datasets"]]
+    assert [len(s["input_ids"]) for s in shards] == [lay["rows"] // 2] * 2
+    start = 0
+    for r in lay["rows_per_step"]:  # each worker holds r / 2 rows of every step, in step order
+        lo, hi = start // 2, (start + r) // 2
+        n = sum(len(unpack_rows({k: v[lo:hi] for k, v in s.items()})) for s in shards)
+        assert n == 8
+        start += r

@@ -133,6 +133,13 @@ class LossConfig(Strict):
     w_rto: float = Field(1.0, ge=0.0)
     # Fraction of RTO positions kept per sample ("Sorry dropout"): 0.05 full FT, 1.0 LoRA.
     rto_keep: float = Field(1.0, gt=0.0, le=1.0)
+    # How rto_keep draws (train/losses.py): public = the public code (max(1, ceil(n·keep)) of
+    # the sample's n positions, prompt included, the RTO ones among them kept; the end-of-text
+    # token is an RTO target too); exact = max(1, round(keep·m)) of the m RTO positions.
+    keep_rule: Literal["public", "exact"] = "public"
+    # token_mean = one mean over all target tokens of the global batch (the public code);
+    # per_term = w_mle·mean_mle + w_rto·mean_rto, each kind normalised by its own count.
+    normalize: Literal["token_mean", "per_term"] = "token_mean"
     beta: float = Field(0.1, gt=0.0)  # derta_pref temperature
     chunk_size: int = Field(1024, ge=1)  # tokens per loss chunk (bounds fp32 logits memory)
 
@@ -160,8 +167,8 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
     epochs: float = Field(2.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
-    global_batch: int = Field(128, ge=1)
-    micro_batch: int = Field(4, ge=1)
+    global_batch: int = Field(128, ge=1)  # SAMPLES per optimizer step, packed or not (the paper's unit)
+    micro_batch: int = Field(4, ge=1)  # rows per forward pass per worker
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps; 0 = only at the end

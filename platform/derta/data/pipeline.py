@@ -230,15 +230,32 @@ def _remove_stale_shards(data_uri: str, keep: str) -> None:
 
 
 # --------------------------------------------------------------------------- training rows
-def _pack_batch(batch: dict[str, np.ndarray], max_len: int, pad_id: int, packing: bool) -> dict[str, np.ndarray]:
-    """Ray Data batch fn: samples -> fixed-length training rows (stateless, so plain tasks)."""
-    from derta.data.tokenize import TRAIN_COLUMNS, pack_rows
+def _pack_batch(batch: dict[str, np.ndarray], max_len: int, pad_id: int, packing: bool,
+                rto_end: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    """Ray Data batch fn: samples -> fixed-length training rows (stateless, so plain tasks).
+    rto_end: end-of-turn ids appended to rto samples as RTO targets (keep_rule public)."""
+    from derta.data.tokenize import TRAIN_COLUMNS, pack_rows, with_rto_end
 
     n = len(batch["input_ids"])
     if n == 0:
         return {k: np.zeros((0, max_len), dtype=bool if k == "rto_mask" else np.int64) for k in TRAIN_COLUMNS}
     samples = [{"input_ids": batch["input_ids"][i], "labels": batch["labels"][i], "rto_mask": batch["rto_mask"][i]} for i in range(n)]
+    if rto_end and "kind" in batch:
+        samples = [with_rto_end(s, rto_end, max_len) if batch["kind"][i] == "rto" else s for i, s in enumerate(samples)]
     return pack_rows(samples, max_len, pad_id, packing)
+
+
+def rto_end_ids(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """The end-of-turn ids the public code labels (with "Sorry") on RTO rows, when
+    train.loss.keep_rule is public and the method trains RTO; else () (derta's rto samples end
+    at the last harmful token). derta_pref rows get none: the end token is no harmful
+    continuation to prefer a refusal over."""
+    from derta.data.templates import make_template
+    from derta.models import load_tokenizer
+
+    if cfg.train.loss.keep_rule != "public" or cfg.train.method not in ("rto", "derta"):
+        return ()
+    return tuple(int(i) for i in make_template(cfg.data.template, load_tokenizer(cfg.model)).end_ids)
 
 
 def pad_token_id(cfg: ExperimentConfig) -> int:
@@ -278,10 +295,14 @@ def samples_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str, 
     return ray.data.read_parquet(files, filesystem=fs, columns=list(SAMPLE_COLUMNS))
 
 
-def training_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str, ...] | None = None, shuffle: bool = True):
+def training_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str, ...] | None = None, shuffle: bool = True,
+                     rto_end: bool = False):
     """Fixed-length training rows (input_ids, labels, rto_mask, position_ids; CONTRACTS.md).
 
     kinds: only these sample kinds (e.g. ["rto"] for a sequential schedule's second stage).
+    rto_end: with train.loss.keep_rule public, rto samples get the template's end-of-turn ids
+    as RTO targets (rto_end_ids), as the public code has them (the trainer asks for it; the
+    default keeps the rows exactly the built samples).
     shuffle: mix kinds before packing (seeded by data.seed), so a packed row and a batch are
     not all one kind (the shards are written role by role).
     """
@@ -296,8 +317,36 @@ def training_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str,
         _pack_batch,
         batch_size=PACK_BATCH,
         batch_format="numpy",
-        fn_kwargs={"max_len": cfg.data.max_len, "pad_id": pad_id, "packing": cfg.data.packing},
+        fn_kwargs={"max_len": cfg.data.max_len, "pad_id": pad_id, "packing": cfg.data.packing, "rto_end": rto_end_ids(cfg) if rto_end else ()},
     )
+
+
+def step_datasets(rows_ds, global_batch: int, workers: int, micro_batch: int, packing: bool) -> dict:
+    """Training rows (from training_dataset, or built by hand) -> one Ray dataset per worker,
+    laid out in optimizer steps of global_batch SAMPLES (tokenize.pack_steps): the rows are
+    unpacked into their samples in order (training_dataset already shuffled them, seeded),
+    each step's samples are packed on their own, and row j of a step goes to worker
+    j % workers. Returns {"datasets": [per worker], "rows_per_step": [...], "samples": n,
+    "rows": total rows}. Empty rows pad a step to a multiple of workers · micro_batch: pad id 0
+    (its own document, no targets, so never attended to nor trained on)."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    from derta.data.tokenize import TRAIN_COLUMNS, pack_steps, unpack_rows, worker_rows
+
+    samples, width = [], None
+    for batch in rows_ds.iter_batches(batch_format="numpy", batch_size=PACK_BATCH):
+        if len(batch["input_ids"]):
+            width = width or len(batch["input_ids"][0])
+            samples += unpack_rows(batch)
+    if not samples:
+        return {"datasets": [], "rows_per_step": [], "samples": 0, "rows": 0}
+    rows, per_step = pack_steps(samples, global_batch, width, 0, packing, workers * micro_batch)
+    out = []
+    for idx in worker_rows(per_step, workers):
+        block = BlockAccessor.batch_to_block({k: rows[k][idx] for k in TRAIN_COLUMNS})
+        out.append(ray.data.from_blocks([block]))
+    return {"datasets": out, "rows_per_step": per_step, "samples": len(samples), "rows": int(sum(per_step))}
 
 
 __all__ = [

@@ -11,6 +11,12 @@ Packing (pack_rows): greedy first-fit of samples into rows of max_len tokens; po
 restart at 0 at each sample, and the padding tail is its own document (pad ids, labels -100,
 rto_mask false, positions 0..n). A sample's first token is always a prompt token (label -100,
 rto_mask false), so no loss term ever crosses a document boundary.
+
+Batches in samples (pack_steps): train.global_batch counts SAMPLES, packed or not. The sample
+stream is cut into groups of global_batch samples (one optimizer step each, the last one the
+rest) and each group is packed into rows on its own; a step's rows are padded with empty rows
+to a multiple of workers · micro_batch. Packing changes how samples lie in rows, never how
+many samples make a step.
 """
 
 from __future__ import annotations
@@ -187,6 +193,77 @@ def pack_rows(samples: Sequence[dict], max_len: int, pad_id: int, packing: bool 
             pos += n
         rows["position_ids"][r, pos:] = np.arange(max_len - pos)
     return rows
+
+
+def with_rto_end(sample: dict, end_ids: Sequence[int], max_len: int) -> dict:
+    """An rto sample with the end-of-turn ids appended as RTO targets (labels -100, rto_mask
+    true), as the public code labels its RTO rows (the response + "<|end_of_text|>", every
+    labelled position -> "Sorry"): the last target is then log P(sorry | q, the whole r̂).
+    A sample that would pass max_len stays as it is (the public code's truncation drops the
+    end token too)."""
+    n, k = len(sample["input_ids"]), len(end_ids)
+    if not k or n + k > max_len:
+        return sample
+    return {
+        "input_ids": np.concatenate([np.asarray(sample["input_ids"], dtype=np.int64), np.asarray(end_ids, dtype=np.int64)]),
+        "labels": np.concatenate([np.asarray(sample["labels"], dtype=np.int64), np.full(k, T.IGNORE, dtype=np.int64)]),
+        "rto_mask": np.concatenate([np.asarray(sample["rto_mask"], dtype=bool), np.ones(k, dtype=bool)]),
+    }
+
+
+def unpack_rows(rows: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Training rows -> their samples, in row order: each document of a row (position_ids
+    restart at 0) that carries a target (a label or an rto_mask position); padding documents
+    are dropped. The inverse of pack_rows up to the padding."""
+    out = []
+    for r in range(len(rows["input_ids"])):
+        pos = np.asarray(rows["position_ids"][r])
+        starts = [0] + (np.flatnonzero(np.diff(pos) != 1) + 1).tolist() + [len(pos)]
+        for a, b in zip(starts[:-1], starts[1:]):
+            labels, rto = np.asarray(rows["labels"][r][a:b]), np.asarray(rows["rto_mask"][r][a:b], dtype=bool)
+            if (labels != T.IGNORE).any() or rto.any():
+                out.append({"input_ids": np.asarray(rows["input_ids"][r][a:b]), "labels": labels, "rto_mask": rto})
+    return out
+
+
+def step_groups(n_samples: int, global_batch: int) -> list[range]:
+    """Consecutive groups of global_batch samples, one per optimizer step; the last holds the
+    rest (HF Trainer with drop_last False: ceil(n / global_batch) steps per epoch)."""
+    return [range(a, min(a + global_batch, n_samples)) for a in range(0, n_samples, global_batch)]
+
+
+def pack_steps(samples: Sequence[dict], global_batch: int, max_len: int, pad_id: int, packing: bool,
+               multiple: int) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Samples (in training order) -> (rows, rows per step). Each step's samples are packed into
+    rows on their own (a row never mixes two steps), and the step's row count is padded with
+    empty rows (labels -100, no rto_mask) to a multiple of `multiple` (workers · micro_batch),
+    so every worker runs the same number of micro-batches in every step."""
+    parts, per_step = [], []
+    for g in step_groups(len(samples), global_batch):
+        rows = pack_rows([samples[i] for i in g], max_len, pad_id, packing)
+        n = len(rows["input_ids"])
+        extra = -n % multiple
+        if extra:
+            empty = _empty_rows(extra, max_len, pad_id)
+            empty["position_ids"][:] = np.arange(max_len)
+            rows = {k: np.concatenate([rows[k], empty[k]]) for k in TRAIN_COLUMNS}
+        parts.append(rows)
+        per_step.append(n + extra)
+    if not parts:
+        return _empty_rows(0, max_len, pad_id), []
+    return {k: np.concatenate([p[k] for p in parts]) for k in TRAIN_COLUMNS}, per_step
+
+
+def worker_rows(per_step: Sequence[int], world: int) -> list[list[int]]:
+    """Row indices of each worker, step by step: row j of a step goes to worker j % world, so a
+    worker's shard holds rows_in_step / world rows of every step, in step order."""
+    out: list[list[int]] = [[] for _ in range(world)]
+    start = 0
+    for n in per_step:
+        for j in range(n):
+            out[j % world].append(start + j)
+        start += n
+    return out
 
 
 def iter_samples(batch: dict[str, Any]) -> Iterable[dict]:

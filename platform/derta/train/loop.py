@@ -1,8 +1,9 @@
 """The per-worker training loop Ray Train runs on every worker (`train_loop_per_worker`).
 
 One loop for every method and schedule: a *stage* is (dataset, loss form, weights); the joint
-schedule is one stage, the sequential schedule two (MLE, then RTO/pref). Per optimizer step a
-worker takes `accum` micro-batches from its Ray Data shard, the token counts of the whole
+schedule is one stage, the sequential schedule two (MLE, then RTO/pref). An optimizer step is
+train.global_batch samples; per step a worker takes that step's micro-batches (the same number
+on every worker; StepPlan.micro_per_step) from its own dataset, the token counts of the whole
 global batch are all-reduced first, so the loss of every micro-batch is normalised by the
 global counts and the accumulated gradient is exactly that of one big batch.
 
@@ -32,7 +33,7 @@ from derta import telemetry
 from derta.config import ExperimentConfig
 from derta.train import checkpoint as ckpt
 from derta.train import fsdp
-from derta.train.losses import Denominators, DertaObjective, LossSpec, build_targets, combine
+from derta.train.losses import Denominators, DertaObjective, LossSpec, build_targets, combine, denominators
 
 COLUMNS = ("input_ids", "labels", "rto_mask", "position_ids")
 DTYPES = {"input_ids": torch.long, "labels": torch.long, "rto_mask": torch.bool, "position_ids": torch.long}
@@ -51,32 +52,52 @@ def say(*parts: Any) -> None:
 # --------------------------------------------------------------------------- plans (pure)
 @dataclass(frozen=True)
 class StepPlan:
-    """How the rows of one stage turn into optimizer steps on this world size."""
+    """How the rows of one stage turn into optimizer steps on this world size. A step is
+    global_batch SAMPLES (the last of an epoch: the rest), packed into rows on their own
+    (data.tokenize.pack_steps); its micro-batch count per worker can differ between steps but
+    is the same on every worker."""
 
-    accum: int  # micro-batches per optimizer step per worker
-    batches_per_epoch: int  # usable micro-batches per worker per epoch (a multiple of accum)
+    micro_per_step: tuple[int, ...]  # micro-batches per worker, for each step of an epoch
+    batches_per_epoch: int  # micro-batches per worker per epoch
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
-    global_batch: int  # rows per optimizer step, all workers
+    global_batch: int  # samples per optimizer step
+
+    @property
+    def accum(self) -> int:
+        """The largest number of micro-batches one worker runs in a step."""
+        return max(self.micro_per_step)
+
+    def accum_at(self, step: int) -> int:
+        return self.micro_per_step[step % self.steps_per_epoch]
 
 
-def step_plan(rows: int, world: int, micro_batch: int, global_batch: int, epochs: float, max_steps: int | None,
-              warmup_ratio: float) -> StepPlan:
-    """accum = global_batch / (micro_batch · world) (at least 1); a worker's shard has
-    rows // world rows (Ray's equal split), iterated in micro-batches with drop_last."""
-    accum = max(1, global_batch // (micro_batch * world))
-    micro_per_epoch = (rows // world) // micro_batch
-    if micro_per_epoch == 0:
-        from derta.config import ConfigError
+def steps_for(samples: int, global_batch: int, epochs: float, max_steps: int | None) -> int:
+    """Optimizer steps of a stage, as the paper's recipe counts them (HF Trainer, drop_last
+    False): ceil(samples / global_batch) per epoch, times epochs (rounded up); max_steps wins."""
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil(epochs * math.ceil(samples / global_batch)))
 
-        raise ConfigError(f"train.workers / train.micro_batch: {rows} training rows are too few for {world} workers "
-                          f"x micro_batch {micro_batch} (each worker needs at least one full micro-batch)")
-    accum = min(accum, micro_per_epoch)  # tiny datasets: at least one step per epoch
-    steps_per_epoch = micro_per_epoch // accum
-    total = max_steps if max_steps else max(1, math.ceil(epochs * steps_per_epoch))
+
+def step_plan(rows_per_step: list[int] | tuple[int, ...], world: int, micro_batch: int, global_batch: int, samples: int,
+              epochs: float, max_steps: int | None, warmup_ratio: float) -> StepPlan:
+    """rows_per_step: the rows of each step of an epoch, all workers (each a multiple of
+    world · micro_batch, as pack_steps lays them out)."""
+    from derta.config import ConfigError
+
+    if not rows_per_step or samples <= 0:
+        raise ConfigError("train: a training stage has no samples")
+    unit = world * micro_batch
+    if any(r <= 0 or r % unit for r in rows_per_step):
+        raise ValueError(f"rows per step {list(rows_per_step)} are not positive multiples of workers x micro_batch = {unit}")
+    micro = tuple(r // unit for r in rows_per_step)
+    if len(micro) != math.ceil(samples / global_batch):
+        raise ValueError(f"{len(micro)} steps per epoch for {samples} samples in batches of {global_batch}")
+    total = steps_for(samples, global_batch, epochs, max_steps)
     warmup = int(round(warmup_ratio * total))
-    return StepPlan(accum, steps_per_epoch * accum, steps_per_epoch, total, warmup, accum * micro_batch * world)
+    return StepPlan(micro, sum(micro), len(micro), total, warmup, global_batch)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -89,6 +110,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def step_seed(seed: int, stage: int, step: int, rank: int, micro: int = 0) -> int:
     return (seed * 1_000_003 + stage * 7_919 + step * 104_729 + rank * 1_299_709 + micro * 15_485_863) % (2**31 - 1)
+
+
+def worker_key(dataset: str, rank: int) -> str:
+    """The Ray dataset a worker reads: the trainer lays every worker's rows out itself (each
+    step's rows split evenly), so datasets are not split by Ray."""
+    return f"{dataset}@{rank}"
 
 
 def micro_batches(shard, plan: StepPlan, micro_batch: int, epoch: int, offset: int) -> Iterator[tuple[int, int, dict]]:
@@ -327,7 +354,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for si, stage in enumerate(stages):
         if si < state.stage:
             continue
-        plan = step_plan(stage["rows"], world, tc.micro_batch, tc.global_batch, tc.epochs, tc.max_steps, tc.warmup_ratio)
+        plan = step_plan(stage["rows_per_step"], world, tc.micro_batch, tc.global_batch, stage["samples"], tc.epochs,
+                         tc.max_steps, tc.warmup_ratio)
         optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, p=plan: lr_factor(s, p.warmup_steps, p.total_steps))
         st = ckpt.TrainState(stage=si, total_steps=plan.total_steps, global_step=global_step)
@@ -337,20 +365,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             global_step = st.global_step
             resume_dir = None
         if rank == 0:
-            say(f"[derta.train] stage {si + 1}/{len(stages)} ({stage['name']}): {stage['rows']} rows, "
-                f"{plan.total_steps} steps, accum {plan.accum}, global batch {plan.global_batch}")
-        shard = ray.train.get_dataset_shard(stage["dataset"])
+            say(f"[derta.train] stage {si + 1}/{len(stages)} ({stage['name']}): {stage['samples']} samples in "
+                f"{stage['rows']} rows, {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), global batch "
+                f"{plan.global_batch} samples, {min(plan.micro_per_step)}-{plan.accum} micro-batches per step per worker")
+        shard = ray.train.get_dataset_shard(worker_key(stage["dataset"], rank))
         batches = micro_batches(shard, plan, tc.micro_batch, st.epoch, st.offset)
         t_start, steps_timed, tok_window, t_window, steps_window = time.perf_counter(), 0, 0, time.perf_counter(), 0
         while st.step < plan.total_steps:
             torch.manual_seed(step_seed(tc.seed, si, st.step, rank))
             micro = []
-            for _ in range(plan.accum):
+            for _ in range(plan.accum_at(st.step)):
                 st.epoch, st.offset, b = next(batches)
                 micro.append({k: v.to(device) for k, v in b.items()})
             targets = [
                 build_targets(b, rto_keep=tc.loss.rto_keep, seed=step_seed(tc.seed, si, st.step, rank, i),
-                              use_rto=stage["transition"] != "none")
+                              use_rto=stage["transition"] != "none", keep_rule=tc.loss.keep_rule)
                 for i, b in enumerate(micro)
             ]
             counts = _all_reduce(torch.tensor([sum(t.n_mle for t in targets), sum(t.n_rto for t in targets)], dtype=torch.float64, device=device))
@@ -363,13 +392,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         ref = (ref_objective or model)(b, t, refusal_id, tc.loss.chunk_size, reference=True)
                 sync = mode != "ddp" or i == len(micro) - 1
                 ctx = model.no_sync() if not sync else _null()
-                spec = LossSpec(stage["transition"], stage["w_mle"], stage["w_rto"], tc.loss.beta, denom.n_mle, denom.n_rto)
+                spec = LossSpec(stage["transition"], stage["w_mle"], stage["w_rto"], tc.loss.beta,
+                                *denominators(t, denom, tc.loss.normalize))
                 with ctx:
                     loss, logps = model(b, t, refusal_id, tc.loss.chunk_size, spec=spec, ref_logps=ref)
                     (loss * world).backward()  # FSDP/DDP average gradients over ranks
                 with torch.no_grad():  # the logged terms, from the same log-probs
                     out = combine(logps, t, transition=stage["transition"], w_mle=stage["w_mle"], w_rto=stage["w_rto"],
-                                  beta=tc.loss.beta, ref_logps=ref, denom=denom)
+                                  beta=tc.loss.beta, ref_logps=ref, denom=denom, normalize=tc.loss.normalize)
                 sums += torch.stack([loss.detach().float(), out.loss_mle, out.loss_rto, out.loss_pref]).to(torch.float64)
                 tok_window += b["input_ids"].numel()
             grad_norm = fsdp.clip_grad_norm(params, tc.grad_clip)

@@ -8,16 +8,37 @@ The paper's objective (Yuan et al. 2024, eq. 1-2):
 Alignment (CONTRACTS.md): labels[t] / rto_mask[t] are targets FOR position t, predicted from
 the hidden state at t-1. So every target lives on the shifted grid t = 1..L-1.
 
-Normalisation (what each logged number is):
-  * loss_mle  = Σ over every labelled token (labels != -100) of −log p(label)   / N_mle
-  * loss_rto  = Σ over every KEPT rto_mask position of −log p(sorry)            / N_rto
-  * loss_pref = Σ over every KEPT rto_mask position of −log σ(β·Δ)              / N_rto
-  where N_* are token counts over the whole GLOBAL batch (all micro-batches of one optimizer
-  step, all workers; see `Denominators`). That is the paper's expectation taken per token (the
-  public code's single token-mean cross-entropy), with the two terms normalised separately
-  so w_mle / w_rto weigh them independently of how many tokens each kind has:
-      loss = w_mle · loss_mle + w_rto · (loss_rto | loss_pref)
-  A term with no tokens in the batch contributes 0.
+Normalisation (`train.loss.normalize`) -- what is optimised:
+  * token_mean (default; the public code, whose numbers the paper reports): ONE mean over every
+    target token of the global batch, MLE labels and kept RTO "Sorry" targets together,
+        loss = (w_mle · Σ_mle −log p(label) + w_rto · Σ_rto −log p(sorry)) / (N_mle + N_rto)
+    with w_mle = w_rto = 1 exactly the public code's single CrossEntropyLoss (mean over every
+    label != -100 of the micro-batch; derta takes the mean over the whole global batch, which
+    equals it for one micro-batch on one worker). The weights multiply each token's term.
+  * per_term: each kind normalised by its own count,
+        loss = w_mle · Σ_mle/N_mle + w_rto · Σ_rto/N_rto
+    so the two terms weigh the same whatever the token mix. With rto_keep 0.05 this makes each
+    kept refusal position weigh ~1/N_rto instead of ~1/(N_mle+N_rto): hundreds of times more
+    than in the public code.
+  derta_pref (per-position preference, not in the public code) uses the same denominators: under
+  token_mean each kept position's −log σ(β·Δ) is one term of the shared token mean.
+  N_* are counts over the whole GLOBAL batch (all micro-batches of one optimizer step, all
+  workers; see `Denominators`); a term with no tokens contributes 0.
+  Logged terms (whatever the normalisation): loss = the objective above; loss_mle / loss_rto /
+  loss_pref = the per-kind token means (Σ_kind / N_kind), n_mle / n_rto = the token counts.
+
+RTO keep rule (`train.loss.keep_rule`, with `rto_keep`; "Sorry dropout"):
+  * public (default; the public code, run_clm_llms_derta_llama_drop_5_percent.py): per sample
+    with n sequence positions (prompt included), draw max(1, ceil(n · rto_keep)) positions
+    uniformly (the code: max(1, (n+19)//20) for 5 %), and keep those that are RTO targets; the
+    number kept is random (hypergeometric, ~5 % of the RTO positions, often 0 for short
+    responses). The public code draws per PADDED ROW (n includes the batch padding); derta
+    draws per sample (a packed document, or the row when there are no position_ids), so n is
+    the sample's own length. The public code also labels the end-of-text token of an RTO row
+    with "Sorry"; derta's data side adds the template's end ids as RTO targets to rto samples
+    in this mode (data.pipeline.training_dataset).
+  * exact: per sample keep exactly max(1, round(rto_keep · m)) of its m RTO positions.
+  rto_keep 1.0 keeps every RTO position under either rule (the LoRA recipe).
 
 Memory and time: the vocabulary projection + log-softmax run only on positions that carry a
 target, `chunk_size` positions at a time. In training the head is fused with its gradient
@@ -31,6 +52,7 @@ reference the tests compare against).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,13 +73,26 @@ def document_ids(position_ids: Tensor) -> Tensor:
     return (torch.diff(position_ids, prepend=first, dim=-1) != 1).long().cumsum(-1)
 
 
-def keep_rto_positions(rto_mask: Tensor, keep: float, seed: int, position_ids: Tensor | None = None) -> Tensor:
-    """The public code's "Sorry dropout": per sample keep max(1, round(keep · n)) of its n RTO
-    positions, chosen uniformly without replacement with a generator seeded by `seed`.
+KeepRule = Literal["public", "exact"]
+Normalize = Literal["token_mean", "per_term"]
 
-    A sample is one document of a packed row (from position_ids), or the whole row. keep = 1
-    returns the mask unchanged. Deterministic for a given (mask, keep, seed).
-    """
+
+def public_keep_count(n: int, keep: float) -> int:
+    """How many of a sample's n positions the public code draws: max(1, (n+19)//20) for keep
+    0.05, i.e. max(1, ceil(n · keep)) (integer arithmetic when 1/keep is an integer)."""
+    inv = 1.0 / keep
+    if abs(inv - round(inv)) < 1e-9:
+        k = int(round(inv))
+        return max(1, (n + k - 1) // k)
+    return max(1, math.ceil(n * keep - 1e-9))
+
+
+def keep_rto_positions(rto_mask: Tensor, keep: float, seed: int, position_ids: Tensor | None = None,
+                       rule: KeepRule = "exact") -> Tensor:
+    """The "Sorry dropout" (see the module docstring for the two rules), per sample: one
+    document of a packed row (from position_ids), or the whole row. Choices are uniform without
+    replacement with a generator seeded by `seed`. keep = 1 returns the mask unchanged.
+    Deterministic for a given (mask, keep, seed, rule)."""
     rto_mask = rto_mask.bool()
     if keep >= 1.0 or not bool(rto_mask.any()):
         return rto_mask
@@ -68,10 +103,15 @@ def keep_rto_positions(rto_mask: Tensor, keep: float, seed: int, position_ids: T
     for b in range(rto_mask.shape[0]):
         row = rto_mask[b]
         for d in torch.unique(docs[b][row]).tolist():
-            idx = torch.nonzero(row & (docs[b] == d), as_tuple=True)[0]
-            n_keep = max(1, int(round(keep * idx.numel())))
+            in_doc = docs[b] == d
+            if rule == "public":  # draw among ALL the sample's positions, keep the RTO ones
+                idx = torch.nonzero(in_doc, as_tuple=True)[0]
+                n_keep = public_keep_count(idx.numel(), keep)
+            else:
+                idx = torch.nonzero(row & in_doc, as_tuple=True)[0]
+                n_keep = max(1, int(round(keep * idx.numel())))
             chosen = idx[torch.argsort(scores[b, idx])[:n_keep]]
-            out[b, chosen] = True
+            out[b, chosen] = row[chosen]
     return out
 
 
@@ -94,12 +134,13 @@ class Targets:
         return int(self.is_rto.sum())
 
 
-def build_targets(batch: dict[str, Tensor], *, rto_keep: float = 1.0, seed: int = 0, use_rto: bool = True) -> Targets:
+def build_targets(batch: dict[str, Tensor], *, rto_keep: float = 1.0, seed: int = 0, use_rto: bool = True,
+                  keep_rule: KeepRule = "public") -> Targets:
     """Select the positions with a target. `seed` drives the RTO keep-rate only."""
     input_ids, labels = batch["input_ids"], batch["labels"]
     rto = batch.get("rto_mask")
     rto = torch.zeros_like(labels, dtype=torch.bool) if rto is None or not use_rto else rto.bool()
-    rto = keep_rto_positions(rto, rto_keep, seed, batch.get("position_ids"))
+    rto = keep_rto_positions(rto, rto_keep, seed, batch.get("position_ids"), keep_rule)
     lab, rt, harm = labels[:, 1:], rto[:, 1:], input_ids[:, 1:]
     is_mle, is_rto = lab != IGNORE, rt
     sel = (is_mle | is_rto).reshape(-1)
@@ -206,12 +247,16 @@ class Denominators:
     n_rto: float
 
 
-def denominators(t: Targets, denom: Denominators | None) -> tuple[float, float]:
-    """(d_mle, d_rto): the global batch's counts when given, else this micro-batch's. One rule
-    for the fused and the generic loss, so both normalise alike."""
-    if denom is not None:
-        return float(denom.n_mle), float(denom.n_rto)
-    return float(t.n_mle), float(t.n_rto)
+def denominators(t: Targets, denom: Denominators | None, normalize: Normalize = "per_term") -> tuple[float, float]:
+    """(d_mle, d_rto) that divide the MLE and the RTO/pref sums of the objective: the global
+    batch's counts when given, else this micro-batch's; per_term divides each kind by its own
+    count, token_mean both by their total. One rule for the fused and the generic loss."""
+    n_mle, n_rto = (float(denom.n_mle), float(denom.n_rto)) if denom is not None else (float(t.n_mle), float(t.n_rto))
+    if normalize == "token_mean":
+        return n_mle + n_rto, n_mle + n_rto
+    if normalize != "per_term":
+        raise ValueError(f"unknown normalize {normalize!r} (token_mean | per_term)")
+    return n_mle, n_rto
 
 
 @dataclass(frozen=True)
@@ -222,7 +267,7 @@ class LossSpec:
     w_mle: float
     w_rto: float
     beta: float
-    d_mle: float  # denominators: global token counts (or this batch's without accumulation)
+    d_mle: float  # divide the MLE / the RTO-pref sums: `denominators` (normalize applied, global counts)
     d_rto: float
 
 
@@ -313,8 +358,8 @@ def fused_loss(lm: nn.Module, batch: dict[str, Tensor], t: Targets, refusal_id: 
 
 @dataclass
 class LossOutput:
-    loss: Tensor  # differentiable total: w_mle·mle + w_rto·(rto | pref), normalised by Denominators
-    loss_mle: Tensor  # detached, normalised contributions of this micro-batch
+    loss: Tensor  # differentiable objective of this micro-batch (normalize: token_mean | per_term)
+    loss_mle: Tensor  # detached, this micro-batch's share of the per-kind token means
     loss_rto: Tensor
     loss_pref: Tensor
     n_mle: int  # tokens in this micro-batch
@@ -331,26 +376,35 @@ def combine(
     beta: float = 0.1,
     ref_logps: Tensor | None = None,
     denom: Denominators | None = None,
+    normalize: Normalize = "token_mean",
 ) -> LossOutput:
-    """Turn per-position log-probs [N, 3] (label, sorry, harm) into the loss terms.
+    """Turn per-position log-probs [N, 3] (label, sorry, harm) into the loss terms: `loss` is
+    the objective under `normalize`; loss_mle / loss_rto / loss_pref are the per-kind token
+    means (their sums over the micro-batches of a step are the step's means).
 
     derta_pref at a kept position t with Δθ = log pθ(sorry) − log pθ(harm_t) and Δref the same
     under the reference model: −log σ(β · (Δθ − Δref)).
     """
     n_mle, n_rto = t.n_mle, t.n_rto
-    d_mle, d_rto = denominators(t, denom)
+    d_mle, d_rto = denominators(t, denom, normalize)
+    k_mle, k_rto = denominators(t, denom, "per_term")
     zero = logps.sum() * 0.0 + 0.0  # (+0.0: no "-0.0" in logs) keeps the graph connected even when a term is empty
-    mle = -(logps[:, 0] * t.is_mle).sum() / d_mle if n_mle and d_mle else zero
-    rto, pref = zero, zero
-    if transition == "rto" and n_rto and d_rto:
-        rto = -(logps[:, 1] * t.is_rto).sum() / d_rto
-    elif transition == "pref" and n_rto and d_rto:
+    s_mle = -(logps[:, 0] * t.is_mle).sum() if n_mle else zero
+    s_rto, s_pref = zero, zero
+    if transition == "rto" and n_rto:
+        s_rto = -(logps[:, 1] * t.is_rto).sum()
+    elif transition == "pref" and n_rto:
         if ref_logps is None:
             raise ValueError("derta_pref needs reference log-probs (ref_logps)")
         margin = (logps[:, 1] - logps[:, 2]) - (ref_logps[:, 0] - ref_logps[:, 1]).to(logps.dtype)
-        pref = -(F.logsigmoid(beta * margin) * t.is_rto).sum() / d_rto
-    total = w_mle * mle + w_rto * (rto + pref)
-    return LossOutput(total, mle.detach(), rto.detach(), pref.detach(), n_mle, n_rto)
+        s_pref = -(F.logsigmoid(beta * margin) * t.is_rto).sum()
+
+    def div(x: Tensor, d: float) -> Tensor:
+        return x / d if d else zero
+
+    total = w_mle * div(s_mle, d_mle) + w_rto * (div(s_rto, d_rto) + div(s_pref, d_rto))
+    return LossOutput(total, div(s_mle, k_mle).detach(), div(s_rto, k_rto).detach(), div(s_pref, k_rto).detach(),
+                      n_mle, n_rto)
 
 
 # --------------------------------------------------------------------------- model access
@@ -414,16 +468,18 @@ def derta_loss(
     denom: Denominators | None = None,
     targets: Targets | None = None,
     fused: bool = True,
+    normalize: Normalize = "token_mean",
+    keep_rule: KeepRule = "public",
 ) -> LossOutput:
     """The DeRTa loss of one micro-batch from a single forward pass (chunked head; fused
     head-and-gradient pass unless fused=False or the head needs the generic path)."""
-    t = targets or build_targets(batch, rto_keep=rto_keep, seed=seed, use_rto=transition != "none")
+    t = targets or build_targets(batch, rto_keep=rto_keep, seed=seed, use_rto=transition != "none", keep_rule=keep_rule)
     ref = None
     if transition == "pref":
         ref = reference_logprobs(ref_lm if ref_lm is not None else lm, batch, t, refusal_id, chunk_size)
-    kw = dict(transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, ref_logps=ref, denom=denom)
+    kw = dict(transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, ref_logps=ref, denom=denom, normalize=normalize)
     if fused and fused_supported(lm):
-        spec = loss_spec(t, transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, denom=denom)
+        spec = loss_spec(t, transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, denom=denom, normalize=normalize)
         loss, logps = fused_loss(lm, batch, t, refusal_id, chunk_size, spec, ref)
         with torch.no_grad():
             out = combine(logps, t, **kw)
@@ -433,8 +489,8 @@ def derta_loss(
 
 
 def loss_spec(t: Targets, *, transition: Transition, w_mle: float, w_rto: float, beta: float,
-              denom: Denominators | None = None) -> LossSpec:
-    return LossSpec(transition, w_mle, w_rto, beta, *denominators(t, denom))
+              denom: Denominators | None = None, normalize: Normalize = "token_mean") -> LossSpec:
+    return LossSpec(transition, w_mle, w_rto, beta, *denominators(t, denom, normalize))
 
 
 def naive_loss(
@@ -449,6 +505,7 @@ def naive_loss(
     targets: Targets,
     ref_lm: nn.Module | None = None,
     denom: Denominators | None = None,
+    normalize: Normalize = "token_mean",
 ) -> LossOutput:
     """Reference implementation: full [B, L, V] float32 logits, then gather. Test-only."""
     def full_logps(model: nn.Module) -> Tensor:
@@ -466,7 +523,8 @@ def naive_loss(
                     ref = full_logps(model)[:, 1:]
             else:
                 ref = full_logps(model)[:, 1:]
-    return combine(logps, targets, transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, ref_logps=ref, denom=denom)
+    return combine(logps, targets, transition=transition, w_mle=w_mle, w_rto=w_rto, beta=beta, ref_logps=ref, denom=denom,
+                   normalize=normalize)
 
 
 # --------------------------------------------------------------------------- FSDP root
@@ -494,5 +552,5 @@ class DertaObjective(nn.Module):
             return fused_loss(self.lm, batch, targets, refusal_id, chunk_size, spec, ref_logps)
         logps = chunked_logprobs(self.lm, batch, targets, refusal_id, chunk_size)
         out = combine(logps, targets, transition=spec.transition, w_mle=spec.w_mle, w_rto=spec.w_rto, beta=spec.beta,
-                      ref_logps=ref_logps, denom=Denominators(spec.d_mle, spec.d_rto))
+                      ref_logps=ref_logps, denom=Denominators(spec.d_mle, spec.d_rto), normalize="per_term")
         return out.loss, logps.detach()

@@ -1,8 +1,9 @@
 """The training stage's entry point: assemble a Ray Train TorchTrainer and run it.
 
 `train(cfg, paths, tracking)` turns the method + schedule into stages, gets one Ray Dataset per
-stage from the data stage, counts its rows (so the LR schedule knows the real number of
-steps), and runs `loop.train_loop_per_worker` on `train.workers` workers (gloo on CPU, NCCL on
+stage from the data stage, lays its samples out in optimizer steps of train.global_batch
+samples, one dataset per worker (data.pipeline.step_datasets; so the LR schedule knows the
+real number of steps: ceil(samples / global_batch) per epoch), and runs `loop.train_loop_per_worker` on `train.workers` workers (gloo on CPU, NCCL on
 GPU). Checkpoints live under paths.checkpoints (Ray's storage path, local or s3://); the final
 model is an HF directory at paths.model.
 """
@@ -59,7 +60,7 @@ def plan_stages(cfg: ExperimentConfig) -> list[dict[str, Any]]:
 def _dataset(cfg: ExperimentConfig, paths: RunPaths, kinds: list[str] | None):
     from derta.data.pipeline import training_dataset
 
-    ds = training_dataset(cfg, paths, kinds=kinds)
+    ds = training_dataset(cfg, paths, kinds=kinds, rto_end=True)  # keep_rule public: EOS is an RTO target
     ds = ds.select_columns(["input_ids", "labels", "rto_mask", "position_ids"])
     # Shuffle + packing run once here instead of once per epoch per worker; the row count is
     # then free, and the row order is fixed for every epoch and every resume.
@@ -116,7 +117,8 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from derta.cluster import ensure_ray
-    from derta.train.loop import step_plan
+    from derta.data.pipeline import step_datasets
+    from derta.train.loop import step_plan, worker_key
 
     ensure_ray(cfg)
     tc = cfg.train
@@ -126,19 +128,21 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
         ds = (datasets or {}).get(st["dataset"]) if datasets else _dataset(cfg, paths, st["kinds"])
         if ds is None:
             raise ValueError(f"no dataset for training stage {st['name']!r} (key {st['dataset']!r})")
-        rows = ds.count()
-        if rows == 0:
-            log.warning("training stage %s has no rows; skipped", st["name"])
+        # global_batch counts samples: lay the rows out in steps of global_batch samples.
+        lay = step_datasets(ds, tc.global_batch, tc.workers, tc.micro_batch, cfg.data.packing)
+        if lay["samples"] == 0:
+            log.warning("training stage %s has no samples; skipped", st["name"])
             stages.remove(st)
             continue
-        st["rows"] = rows
-        ds_map[st["dataset"]] = ds
+        st.update(rows=lay["rows"], samples=lay["samples"], rows_per_step=lay["rows_per_step"])
+        for rank, wds in enumerate(lay["datasets"]):
+            ds_map[worker_key(st["dataset"], rank)] = wds
     if not stages:
         from derta.config import ConfigError
 
         raise ConfigError("train: no training rows for any stage (check data.mix and train.method)")
-    plans = [step_plan(st["rows"], tc.workers, tc.micro_batch, tc.global_batch, tc.epochs, tc.max_steps, tc.warmup_ratio)
-             for st in stages]
+    plans = [step_plan(st["rows_per_step"], tc.workers, tc.micro_batch, tc.global_batch, st["samples"], tc.epochs,
+                       tc.max_steps, tc.warmup_ratio) for st in stages]
     for st, p in zip(stages, plans):
         st["total_steps"] = p.total_steps
 
@@ -153,8 +157,9 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     handle = _handle_dict(tracking)
     # What the trainer derived (never logged by anyone else) ...
     _log_params(handle, {f"trainer.stage{i}.{k}": v for i, (st, p) in enumerate(zip(stages, plans))
-                         for k, v in {"name": st["name"], "rows": st["rows"], "steps": p.total_steps, "accum": p.accum,
-                                      "effective_global_batch": p.global_batch, "warmup_steps": p.warmup_steps}.items()})
+                         for k, v in {"name": st["name"], "rows": st["rows"], "samples": st["samples"],
+                                      "steps": p.total_steps, "steps_per_epoch": p.steps_per_epoch, "accum": p.accum,
+                                      "global_batch_samples": p.global_batch, "warmup_steps": p.warmup_steps}.items()})
     # ... and the config it ran with (may already be logged by the caller with the same values).
     _log_params(handle, {"train": tc.model_dump(mode="json"), "model.name_or_path": cfg.model.name_or_path,
                          "model.lora": cfg.model.lora.model_dump() if cfg.model.lora else None})
@@ -195,7 +200,8 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
             callbacks=callbacks or None,
         ),
         datasets=ds_map,
-        dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
+        # Each worker reads its own dataset (step_datasets splits every step's rows evenly).
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
