@@ -234,11 +234,6 @@ def check(plan: Plan, cfg: ExperimentConfig) -> None:
                 "or lower eval.batch_size")
         if r.gpus_per_actor > r.gpus_per_node:
             plan.problems.append(f"eval.tensor_parallel={r.gpus_per_actor} spans more than one {r.gpus_per_node}-GPU node")
-    if plan.train is not None:
-        per_step = cfg.train.workers * cfg.train.micro_batch
-        if cfg.train.global_batch % per_step:
-            plan.notes.append(f"train.global_batch={cfg.train.global_batch} is not a multiple of workers x micro_batch "
-                              f"= {per_step}: the trainer rounds accumulation down to {max(1, cfg.train.global_batch // per_step)}")
 
 
 def make_plan(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, shape: ModelShape | None = None,
@@ -415,10 +410,8 @@ def print_plan(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, *, show_co
                       f"{r.train_cpus:g} CPU, {accel}{trials}; method={t.method}, "
                       f"{'LoRA r=' + str(cfg.model.lora.r) if cfg.model.lora else 'full fine-tuning'}, "
                       f"FSDP2={t.fsdp.enabled}, activation checkpointing={t.fsdp.activation_checkpointing}")
-        if t.use_gpu:
-            accum = max(1, t.global_batch // (t.workers * t.micro_batch))
-            console.print(f"       global batch {t.global_batch} = {t.workers} workers x micro-batch {t.micro_batch} x "
-                          f"{accum} accumulation steps")
+        console.print(f"       global batch {t.global_batch} samples per optimizer step, packed into rows of "
+                      f"{cfg.data.max_len} tokens; micro-batches of {t.micro_batch} rows per worker")
     if plan.eval is not None:
         gpus = f"{r.gpus_per_actor} GPU(s) each" if r.gpus_per_actor else "CPU"
         judge = f" + LLM judge ({r.judge_gpus} GPU)" if r.judge_gpus else ""

@@ -229,7 +229,7 @@ def training_datasets(cfg: ExperimentConfig, paths: RunPaths, manifest) -> dict[
     approx = manifest.num_samples * cfg.data.max_len * 25  # int64 ids/labels/positions + mask
     out: dict[str, Any] = {}
     for st in plan_stages(cfg):
-        ds = training_dataset(cfg, paths, kinds=st["kinds"])
+        ds = training_dataset(cfg, paths, kinds=st["kinds"], rto_end=True)  # the trainer's rows exactly
         ds = ds.select_columns(["input_ids", "labels", "rto_mask", "position_ids"])
         out[st["dataset"]] = ds.materialize() if approx <= SHARE_MATERIALIZE_MAX_BYTES else ds
     return out
