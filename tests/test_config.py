@@ -86,7 +86,8 @@ def test_no_silent_data_defaults():
     """An omitted source is no data: builtin:demo only where a config names it (demo.yaml does)."""
     cfg = ExperimentConfig()
     assert cfg.data.safety is None and cfg.data.helpful is None and cfg.eval.questions is None
-    assert cfg.data.mix.triples == "disjoint"
+    # the public code's recipe: every triple makes an RTO and a harmful-prefix sample, none held out
+    assert cfg.data.mix.triples == "shared" and cfg.data.holdout == 0.0
     demo = load_config(None)
     assert demo.data.safety.uri == demo.data.helpful.uri == demo.eval.questions.uri == "builtin:demo"
     with pytest.raises(ConfigError, match="data.mix.triples"):

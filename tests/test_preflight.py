@@ -163,3 +163,10 @@ def test_a_method_without_its_data_names_data_safety(tiny_model_dir, tmp_path):
     assert check(ev, ("eval",)) == []
     long = ev.model_copy(update={"data": ev.data.model_copy(update={"max_len": 1000})})
     assert any("data.max_len + eval.max_new_tokens = 1064 > the model's context 1024" in n for n in check(long, ("eval",)))
+
+
+def test_tune_needs_held_out_triples(tiny_model_dir, tmp_path):
+    """The proxy objective scores trials on held-out triples; the public-code default holds none out."""
+    with pytest.raises(ConfigError, match="data.holdout: the tune proxy objective"):
+        check(demo_cfg(tiny_model_dir, tmp_path, "data.holdout=0"), ("tune",))
+    assert check(demo_cfg(tiny_model_dir, tmp_path), ("tune",)) == []

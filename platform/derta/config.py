@@ -66,11 +66,11 @@ class MixConfig(Strict):
     `auto` follows train.method."""
 
     preset: Literal["auto", "custom", "sft", "vanilla", "recaug", "rto", "derta", "derta_pref"] = "auto"
-    # disjoint: the safety kinds split the triples (equal safety budgets across methods; the derta
-    # preset gives half the triples to RTO and half to harmful-prefix samples). shared: every kind
-    # draws from all the triples (the public recipe: each triple makes one RTO AND one
-    # harmful-prefix sample, so 3K triples build 3K + 3K; the derta preset's halves become 1.0 each).
-    triples: Literal["disjoint", "shared"] = "disjoint"
+    # shared (default, the public code's recipe): every kind draws from all the triples, so each
+    # triple makes one RTO AND one harmful-prefix sample (3K triples build 3K + 3K; the derta
+    # preset's halves become 1.0 each). disjoint: the safety kinds split the triples (equal safety
+    # budgets across methods, for ablations: the derta preset gives half to RTO, half to prefix).
+    triples: Literal["shared", "disjoint"] = "shared"
     helpful: Union[int, float] = 1.0
     vanilla: Union[int, float] = 0
     prefix: Union[int, float] = 0
@@ -122,7 +122,9 @@ class DataConfig(Strict):
     packing: bool = True
     truncation: Literal["trim_prefix", "skip"] = "trim_prefix"
     on_bad_row: Literal["error", "skip"] = "error"
-    holdout: float = Field(0.1, ge=0.0, lt=1.0)
+    # Share of safety triples held out of training (for tune's proxy objective); 0 = the public
+    # code, which trains on every triple.
+    holdout: float = Field(0.0, ge=0.0, lt=1.0)
     generate: GenerateConfig | None = None
     seed: int = 0
 

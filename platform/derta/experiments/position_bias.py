@@ -111,7 +111,7 @@ def arm_config(cfg: ExperimentConfig, pb: PositionBiasConfig, arm: str, files: d
         cfg,
         model={"name_or_path": base_model},
         data={"safety": {"uri": files["safety"]}, "helpful": {"uri": files["helpful"]},
-              "mix": {"helpful": 1.0, **ARM_MIX[arm]}, "holdout": 0.0, "seed": pb.seed},
+              "mix": {"helpful": 1.0, "triples": "disjoint", **ARM_MIX[arm]}, "holdout": 0.0, "seed": pb.seed},
         train={"method": arm, "seed": pb.seed},  # each arm is named for its train.method
         eval={"questions": {"uri": files["questions"]}, "attacks": ["prefill"], "limit": None},
     )
