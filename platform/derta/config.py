@@ -115,7 +115,7 @@ class DataConfig(Strict):
     helpful: SourceConfig | None = None
     # Pre-built rows in the public code's format ({prefix, text, safe}); used as they are.
     prebuilt: SourceConfig | None = None
-    template: Literal["inst", "raw", "chat_template", "llama3"] = "chat_template"
+    template: Literal["inst", "raw", "chat_template", "llama3"] = "inst"  # the public code's "[INST] {q} [\\INST]"
     mix: MixConfig = MixConfig()
     prefix: PrefixConfig = PrefixConfig()
     max_len: int = Field(1024, ge=8)
