@@ -49,6 +49,8 @@ def check_data(cfg: ExperimentConfig) -> list[str]:
 
     d = cfg.data
     if d.prebuilt is not None:
+        if _missing_local(d.prebuilt.uri):
+            raise ConfigError(f"data.prebuilt.uri: {d.prebuilt.uri}: no such file or directory")
         return []
     preset, amounts = resolve_mix(d.mix, cfg.train.method)
     safety_kinds = [k for k in SAFETY_ORDER if amounts.get(k)]
@@ -61,6 +63,9 @@ def check_data(cfg: ExperimentConfig) -> list[str]:
         raise ConfigError(
             f"data.safety / data.helpful: train.method={cfg.train.method} (data.mix preset {preset}) builds no safety "
             "samples and data.helpful is not set: the config has no training data")
+    for role, src in (("safety", d.safety), ("helpful", d.helpful)):
+        if src is not None and src.format != "hf" and _missing_local(src.uri):
+            raise ConfigError(f"data.{role}.uri: {src.uri}: no such file or directory")
     notes = []
     if d.helpful is None and amounts.get("helpful"):
         notes.append("data.helpful is not set: no helpful samples (safety samples only)")
@@ -175,11 +180,27 @@ def _check_eval(cfg: ExperimentConfig, problems: list[str]) -> None:
             get_attack(name).build([], e)  # no questions, no work: an attack that is not implemented raises here
         except ConfigError as err:
             problems.append(str(err))
+    for b in dict.fromkeys(e.helpfulness):
+        if b in FILE_BENCHMARKS and not e.helpfulness_files.get(b):
+            problems.append(f"eval.helpfulness includes {b!r}: set eval.helpfulness_files.{b} to its JSONL file")
+    files = [(f"eval.prompt_files.{k}", v) for k, v in e.prompt_files.items()]
+    files += [(f"eval.helpfulness_files.{k}", v) for k, v in e.helpfulness_files.items()]
+    if e.questions is not None:
+        files.append(("eval.questions.uri", e.questions.uri))
+    problems.extend(f"{key}={uri!r}: no such file" for key, uri in files if _missing_local(uri))
     need = [a for a in e.attacks if a not in e.prompt_files]
     if need and e.questions is None:
         problems.append(f"eval.questions: eval.attacks {need} build prompts from harmful questions, but "
                         "eval.questions is not set (name builtin:demo or a file, or give eval.prompt_files)")
     _check_judge(cfg, problems)
+
+
+FILE_BENCHMARKS = ("gsm8k", "mmlu", "alpaca")  # helpfulness benchmarks read from eval.helpfulness_files
+
+
+def _missing_local(uri: str) -> bool:
+    """A local path that does not exist (s3://, hf: and builtin: are checked where they are read)."""
+    return "://" not in uri and not uri.startswith(("builtin:", "hf:")) and not Path(uri).expanduser().exists()
 
 
 def _check_judge(cfg: ExperimentConfig, problems: list[str]) -> None:
