@@ -6,6 +6,13 @@ raises one ConfigError (exit 2) listing each problem with the config key to chan
 run but deserves a look comes back as notes. Stages: data, train, tune, eval, generate, judge
 (train and tune build data first).
 
+Checked: storage.root writable; the method's data named (no builtin:demo fallback) and local
+files present; attacks implemented (each attack's own build([]) raises if not), judge settings,
+benchmark files; vLLM / LLM judges only where GPUs are declared (and not built in a GPU-less
+driver); the model config readable, data.max_len within its context, a LoRA rank vLLM can serve
+(rounded up: vllm_max_lora_rank, also used by eval/engines.py); the tokenizer supports
+data.template and eval's chat rendering, and train.refusal_token is one token.
+
 Offline / CI: a model whose config.json cannot be read is a ConfigError naming
 model.name_or_path (exit 2, unlike `--plan`'s exit 1 for "does not fit"). A tokenizer that
 cannot be read is a ConfigError too, except when planning (`derta plan`, `--plan`), where the
