@@ -71,6 +71,17 @@ def test_unimplemented_attack_and_judge_settings(tiny_model_dir, tmp_path):
         check(demo_cfg(tiny_model_dir, tmp_path, "eval.questions=null"), ("eval",))
 
 
+def test_missing_local_files_and_benchmark_files(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="eval.helpfulness includes 'gsm8k'") as e:
+        check(demo_cfg(tiny_model_dir, tmp_path, "eval.helpfulness=[demo, gsm8k]",
+                       f"eval.prompt_files={{completion: {tmp_path}/nope.jsonl}}"), ("eval",))
+    assert "eval.prompt_files.completion=" in str(e.value) and "nope.jsonl'" in str(e.value)
+    with pytest.raises(ConfigError, match="data.safety.uri: .*missing.jsonl: no such file"):
+        check(demo_cfg(tiny_model_dir, tmp_path, f"data.safety.uri={tmp_path}/missing.jsonl"), ("train",))
+    s3 = demo_cfg(tiny_model_dir, tmp_path, "data.safety.uri=s3://bucket/safety.jsonl", "eval.questions.uri=s3://b/q.jsonl")
+    assert check(s3, ("train", "eval")) == []  # s3:// is read (and reached) by the stages themselves
+
+
 def test_vllm_lora_rank_rounds_up_to_what_vllm_accepts(tiny_model_dir, tmp_path):
     assert [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 16, 33, 96, 128, 200, 257, 320, 321, 512)] == [
         1, 8, 8, 16, 16, 64, 128, 128, 256, 320, 320, 512, 512]

@@ -6,6 +6,13 @@ raises one ConfigError (exit 2) listing each problem with the config key to chan
 run but deserves a look comes back as notes. Stages: data, train, tune, eval, generate, judge
 (train and tune build data first).
 
+Checked: storage.root writable; the method's data named (no builtin:demo fallback) and local
+files present; attacks implemented (each attack's own build([]) raises if not), judge settings,
+benchmark files; vLLM / LLM judges only where GPUs are declared (and not built in a GPU-less
+driver); the model config readable, data.max_len within its context, a LoRA rank vLLM can serve
+(rounded up: vllm_max_lora_rank, also used by eval/engines.py); the tokenizer supports
+data.template and eval's chat rendering, and train.refusal_token is one token.
+
 Offline / CI: a model whose config.json cannot be read is a ConfigError naming
 model.name_or_path (exit 2, unlike `--plan`'s exit 1 for "does not fit"). A tokenizer that
 cannot be read is a ConfigError too, except when planning (`derta plan`, `--plan`), where the
@@ -49,6 +56,8 @@ def check_data(cfg: ExperimentConfig) -> list[str]:
 
     d = cfg.data
     if d.prebuilt is not None:
+        if _missing_local(d.prebuilt.uri):
+            raise ConfigError(f"data.prebuilt.uri: {d.prebuilt.uri}: no such file or directory")
         return []
     preset, amounts = resolve_mix(d.mix, cfg.train.method)
     safety_kinds = [k for k in SAFETY_ORDER if amounts.get(k)]
@@ -61,6 +70,9 @@ def check_data(cfg: ExperimentConfig) -> list[str]:
         raise ConfigError(
             f"data.safety / data.helpful: train.method={cfg.train.method} (data.mix preset {preset}) builds no safety "
             "samples and data.helpful is not set: the config has no training data")
+    for role, src in (("safety", d.safety), ("helpful", d.helpful)):
+        if src is not None and src.format != "hf" and _missing_local(src.uri):
+            raise ConfigError(f"data.{role}.uri: {src.uri}: no such file or directory")
     notes = []
     if d.helpful is None and amounts.get("helpful"):
         notes.append("data.helpful is not set: no helpful samples (safety samples only)")
@@ -177,11 +189,27 @@ def _check_eval(cfg: ExperimentConfig, problems: list[str]) -> None:
         module = get_attack(name)
         if not getattr(module, "IMPLEMENTED", True):
             problems.append(module.MESSAGE)
+    for b in dict.fromkeys(e.helpfulness):
+        if b in FILE_BENCHMARKS and not e.helpfulness_files.get(b):
+            problems.append(f"eval.helpfulness includes {b!r}: set eval.helpfulness_files.{b} to its JSONL file")
+    files = [(f"eval.prompt_files.{k}", v) for k, v in e.prompt_files.items()]
+    files += [(f"eval.helpfulness_files.{k}", v) for k, v in e.helpfulness_files.items()]
+    if e.questions is not None:
+        files.append(("eval.questions.uri", e.questions.uri))
+    problems.extend(f"{key}={uri!r}: no such file" for key, uri in files if _missing_local(uri))
     need = [a for a in e.attacks if a not in e.prompt_files]
     if need and e.questions is None:
         problems.append(f"eval.questions: eval.attacks {need} build prompts from harmful questions, but "
                         "eval.questions is not set (name builtin:demo or a file, or give eval.prompt_files)")
     _check_judge(cfg, problems)
+
+
+FILE_BENCHMARKS = ("gsm8k", "mmlu", "alpaca")  # helpfulness benchmarks read from eval.helpfulness_files
+
+
+def _missing_local(uri: str) -> bool:
+    """A local path that does not exist (s3://, hf: and builtin: are checked where they are read)."""
+    return "://" not in uri and not uri.startswith(("builtin:", "hf:")) and not Path(uri).expanduser().exists()
 
 
 def _check_judge(cfg: ExperimentConfig, problems: list[str]) -> None:
