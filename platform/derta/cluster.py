@@ -103,6 +103,9 @@ def quiet_console() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # copied into every dataset's plan: workers and split coordinators too
     ctx.print_on_execution_start = False
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # spends Ray Data's one "Progress bars disabled" warning
     _filter_forwarded_logs()
     for h in logging.getLogger("ray.data").handlers:
         if not hasattr(h, "baseFilename"):  # the console handler; file handlers keep DEBUG

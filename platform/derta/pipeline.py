@@ -112,7 +112,7 @@ def _build(cfg: ExperimentConfig, paths: RunPaths, handle: TrackingHandle) -> No
     tokens = manifest.tokens.get("total")
     console.print(f"[derta.data] {manifest.num_samples} samples ({kinds}) in {secs:.1f}s: "
                   f"{manifest.num_samples / secs:,.0f} samples/s"
-                  + (f", {tokens / secs:,.0f} tokens/s" if tokens else ""))
+                  + (f", {tokens / secs:,.0f} tokens/s" if tokens else ""), markup=False, soft_wrap=True)
     with handle.attached() as t:
         t.log_artifact(paths.manifest)
         t.log_metrics(manifest.metrics())
