@@ -84,3 +84,22 @@ def test_forwarded_worker_logs_lose_only_ray_noise():
     assert drop_noise({"actor_name": "", "lines": ["Progress bars disabled. To enable, set ..."]}) is None
     warning = {"actor_name": "RayTrainWorker", "lines": ["UserWarning: something that matters"]}
     assert drop_noise(warning) == warning
+
+
+def test_the_raylet_path_to_the_console_is_filtered_too():
+    from ray._private import worker as ray_worker
+
+    from derta.cluster import _filter_forwarded_logs
+
+    seen: list = []
+    saved = ray_worker.print_to_stdstream
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix: seen.append(data["lines"])
+    try:
+        _filter_forwarded_logs()
+        _filter_forwarded_logs()  # idempotent: wrapped once
+        ray_worker.print_to_stdstream({"pid": "raylet", "is_err": False, "lines": [
+            "WARNING: 8 PYTHON worker processes have been started on node: abc"]}, ignore_prefix=False)
+        ray_worker.print_to_stdstream({"pid": "raylet", "is_err": False, "lines": ["out of memory"]}, ignore_prefix=False)
+    finally:
+        ray_worker.print_to_stdstream = saved
+    assert seen == [["out of memory"]]

@@ -92,6 +92,19 @@ def _filter_forwarded_logs() -> None:
     with dispatcher._lock:
         dispatcher.handlers = [(name, h if getattr(h, "derta_filtered", False) else filtered(h))
                                for name, h in dispatcher.handlers]
+    # The raylet's warnings reach the console by another path: the driver's error listener
+    # calls this module function directly (looked up at call time, so wrapping it here works).
+    from ray._private import worker as ray_worker
+
+    fn = getattr(ray_worker, "print_to_stdstream", None)
+    if fn is not None and not getattr(fn, "derta_filtered", False):
+        def print_to_stdstream(data, *a, _fn=fn, **kw):
+            kept = drop_noise(data)
+            if kept is not None:
+                _fn(kept, *a, **kw)
+
+        print_to_stdstream.derta_filtered = True  # type: ignore[attr-defined]
+        ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def quiet_console() -> None:
