@@ -43,6 +43,14 @@ def test_derta_run_end_to_end(tmp_path):
     # The results table and the paths are printed.
     out = proc.stdout
     assert "ASR prefill" in out and "MLflow store" in out and "report" in out
+    # A console a person reads: Ray's internal chatter stays in its log files (named in the
+    # summary), no PlacementGroupCleaner spam, no Ray Data progress tables, nothing twice.
+    assert "Ray logs" in out
+    both = out + proc.stderr
+    assert "PlacementGroupCleaner" not in both and "logging_progress" not in both, both[-3000:]
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip() and set(ln.strip()) - set("─━│┃┏┓┗┛┡┩└┘┌┐├┤┼╇╈═")]
+    twice = sorted({ln for ln in lines if lines.count(ln) > 1})
+    assert not twice, twice
 
     # MLflow: one parent run with nested data / train / eval runs, metrics logged.
     from mlflow import MlflowClient

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from derta import storage
-from derta.cluster import ensure_ray
+from derta.cluster import ensure_ray, ray_logs_dir
 from derta.config import ExperimentConfig, dump_yaml
 from derta.paths import RunPaths
 from derta.tracking import Tracker, TrackingHandle
@@ -105,7 +105,14 @@ def _stage(tracker: Tracker, parent: str | None, name: str, timings: dict[str, f
 def _build(cfg: ExperimentConfig, paths: RunPaths, handle: TrackingHandle) -> None:
     from derta.data.pipeline import build
 
+    t0 = time.perf_counter()
     manifest = build(cfg, paths)
+    secs = max(time.perf_counter() - t0, 1e-9)
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(manifest.counts.items()))
+    tokens = manifest.tokens.get("total")
+    console.print(f"[derta.data] {manifest.num_samples} samples ({kinds}) in {secs:.1f}s: "
+                  f"{manifest.num_samples / secs:,.0f} samples/s"
+                  + (f", {tokens / secs:,.0f} tokens/s" if tokens else ""), markup=False, soft_wrap=True)
     with handle.attached() as t:
         t.log_artifact(paths.manifest)
         t.log_metrics(manifest.metrics())
@@ -340,3 +347,6 @@ def print_summary(summary: RunSummary) -> None:
     console.print(f"metrics       : {summary.paths.metrics}")
     console.print(f"MLflow store  : {summary.tracking_uri}")
     console.print(f"report        : {summary.paths.report}")
+    logs = ray_logs_dir()
+    if logs:  # Ray's own logs (workers, Ray Data, Ray Train) stay off the console; here they are
+        console.print(f"Ray logs      : {logs}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -183,17 +184,21 @@ def init_ray(cfg: ExperimentConfig, root: str | Path | None = None) -> dict[str,
     """
     import ray
 
+    from derta.cluster import local_cpus, quiet_console
+
     if ray.is_initialized():
+        quiet_console()
         return {}
-    from derta.cluster import local_cpus
 
     job_env = current_job_runtime_env()
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     env = driver_runtime_env(root, job_env=job_env, connecting=bool(address), installed=derta_installed())
     if address or job_env is not None:
-        ray.init(address=address, runtime_env=env or None, log_to_driver=True)
+        ray.init(address=address, runtime_env=env or None, log_to_driver=True, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or local_cpus(cfg), include_dashboard=False, runtime_env=env, log_to_driver=True)
+        ray.init(num_cpus=cfg.ray.num_cpus or local_cpus(cfg), include_dashboard=False, runtime_env=env, log_to_driver=True,
+                 logging_level=logging.WARNING)
+    quiet_console()
     return env
 
 

@@ -67,7 +67,8 @@ def _dataset(cfg: ExperimentConfig, paths: RunPaths, kinds: list[str] | None):
     return ds.materialize()
 
 
-WORKER_ENV = ("DERTA_CACHE", "DERTA_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+TIMELINE_ENV = "DERTA_TRAIN_TIMELINE"  # a directory: each worker writes <rank>.json phase timestamps (profiling)
+WORKER_ENV = (TIMELINE_ENV, "DERTA_CACHE", "DERTA_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI")
 
 
@@ -116,7 +117,7 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from derta.cluster import ensure_ray
+    from derta.cluster import LOCAL_TRAIN_ENV, ensure_ray, started_here
     from derta.data.pipeline import step_datasets
     from derta.train.loop import step_plan, worker_key
 
@@ -185,7 +186,12 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
 
         loop_config["resume_from"] = find_latest(storage.join(ckpt_root, RAY_RUN_NAME))
 
-    trainer = TorchTrainer(
+    trainer_cls = TorchTrainer
+    if started_here():  # a cluster this process started and will take down: no leak to guard
+        for k, v in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(k, v)  # read by Ray when fit() starts the controller
+        trainer_cls = local_trainer_class(TorchTrainer)
+    trainer = trainer_cls(
         _entry,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
@@ -211,7 +217,42 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     return TrainResult(model_dir=paths.model, steps=steps, final_metrics=metrics)
 
 
+def local_trainer_class(base: type) -> type:
+    """`base` without Ray Train's PlacementGroupCleaner, for a cluster started by this process.
+
+    The cleaner is a detached actor per run (one more Python process to spawn and import on a
+    2-core laptop) that removes the run's placement group if the controller dies; a local
+    cluster dies with the driver, so there is nothing to clean. It also polls the State API,
+    which a local cluster without the dashboard lacks, printing "Failed to query Ray Train
+    Controller actor state" every second or two. Falls back to `base` if Ray's internals moved.
+    """
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return base
+    if not hasattr(base, "_create_default_callbacks"):
+        return base
+
+    class LocalTrainer(base):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    LocalTrainer.__name__ = LocalTrainer.__qualname__ = f"Local{base.__name__}"
+    return LocalTrainer
+
+
 def _entry(config: dict[str, Any]) -> None:
+    timeline = (config.get("env") or {}).get(TIMELINE_ENV)
+    if timeline:
+        from derta.train.timeline import traced
+
+        with traced(timeline):
+            _run_loop(config)
+        return
+    _run_loop(config)
+
+
+def _run_loop(config: dict[str, Any]) -> None:
     # Imported inside the worker so the driver does not pickle the loop module's globals.
     from derta.train.loop import train_loop_per_worker
 
