@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(model_dir, root, **data):
-    data = {"max_len": 256, **data}
+    # the demo corpus, split between the kinds, 10 % held out (not the public-recipe defaults)
+    data = {"max_len": 256, "safety": {"uri": "builtin:demo"}, "helpful": {"uri": "builtin:demo"},
+            "mix": {"triples": "disjoint"}, "holdout": 0.1, **data}
     return validate_config({"model": {"name_or_path": model_dir}, "data": data,
                             "train": {"method": "derta"}, "storage": {"root": str(root)}})
 
@@ -66,6 +68,15 @@ def test_demo_build_and_training_rows(ray_local, tiny_model_dir, tmp_path):
     assert sum(int(r["rto_mask"].sum()) for r in train) == m.tokens["rto_positions"]
     assert sum(int((r["labels"] != -100).sum()) for r in train) == m.tokens["trained"]
     assert len(train) < 0.6 * m.num_samples  # samples of ~100 tokens: about two per 256-token row
+
+    # The trainer's driver-side read: the same samples, shuffled, end ids appended to rto samples.
+    drv = pipeline.training_samples(cfg, paths)
+    assert sorted(tuple(s["input_ids"]) for s in drv) == sorted(tuple(r["input_ids"]) for r in rows)
+    assert [tuple(s["input_ids"]) for s in drv] == [tuple(s["input_ids"]) for s in pipeline.training_samples(cfg, paths)]
+    end = pipeline.rto_end_ids(cfg)
+    rto = pipeline.training_samples(cfg, paths, kinds=["rto"], rto_end=True)
+    assert len(end) >= 1 and len(rto) == m.counts["rto"]
+    assert sum(int(s["rto_mask"].sum()) for s in rto) == m.tokens["rto_positions"] + len(end) * len(rto)
 
     unpacked = _cfg(tiny_model_dir, tmp_path, packing=False)  # packing is a read-time choice
     rto_rows = pipeline.training_dataset(unpacked, paths, kinds=["rto"], shuffle=False).take_all()

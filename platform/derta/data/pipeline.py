@@ -273,6 +273,17 @@ def check_template(cfg: ExperimentConfig) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
+def _checked_manifest(cfg: ExperimentConfig, paths) -> DataManifest | None:
+    """The run's manifest (None if the data was never built), refused if another data config built it."""
+    manifest = read_manifest(paths) if paths is not None else None
+    if manifest is not None and manifest.fingerprint != data_fingerprint(cfg):
+        raise ConfigError(
+            f"{paths.manifest}: the data there was built from a different data config "
+            f"(fingerprint {manifest.fingerprint} != {data_fingerprint(cfg)}); rerun `derta data build`"
+        )
+    return manifest
+
+
 def samples_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str, ...] | None = None):
     """The built transition samples (from the manifest's shards, else streamed from sources)."""
     import ray
@@ -281,14 +292,9 @@ def samples_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str, 
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise ConfigError(f"unknown sample kinds {sorted(unknown)} (known: {', '.join(KINDS)})")
-    manifest = read_manifest(paths) if paths is not None else None
+    manifest = _checked_manifest(cfg, paths)
     if manifest is None:
         return build_stream(cfg)
-    if manifest.fingerprint != data_fingerprint(cfg):
-        raise ConfigError(
-            f"{paths.manifest}: the data there was built from a different data config "
-            f"(fingerprint {manifest.fingerprint} != {data_fingerprint(cfg)}); rerun `derta data build`"
-        )
     uris = shard_uris(paths, manifest)
     fs, _ = storage.pyarrow_fs(uris[0], embed_credentials=True)
     files = [storage.pyarrow_fs(s)[1] for s in uris]
@@ -329,24 +335,69 @@ def step_datasets(rows_ds, global_batch: int, workers: int, micro_batch: int, pa
     j % workers. Returns {"datasets": [per worker], "rows_per_step": [...], "samples": n,
     "rows": total rows}. Empty rows pad a step to a multiple of workers · micro_batch: pad id 0
     (its own document, no targets, so never attended to nor trained on)."""
-    import ray
-    from ray.data.block import BlockAccessor
-
-    from derta.data.tokenize import TRAIN_COLUMNS, pack_steps, unpack_rows, worker_rows
+    from derta.data.tokenize import unpack_rows
 
     samples, width = [], None
     for batch in rows_ds.iter_batches(batch_format="numpy", batch_size=PACK_BATCH):
         if len(batch["input_ids"]):
             width = width or len(batch["input_ids"][0])
             samples += unpack_rows(batch)
+    return steps_from_samples(samples, width or 1, global_batch, workers, micro_batch, packing)
+
+
+def steps_from_samples(samples: list[dict], max_len: int, global_batch: int, workers: int, micro_batch: int,
+                       packing: bool) -> dict:
+    """Samples in training order -> step_datasets' layout (one in-memory Ray dataset per worker)."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    from derta.data.tokenize import TRAIN_COLUMNS, pack_steps, worker_rows
+
     if not samples:
         return {"datasets": [], "rows_per_step": [], "samples": 0, "rows": 0}
-    rows, per_step = pack_steps(samples, global_batch, width, 0, packing, workers * micro_batch)
+    rows, per_step = pack_steps(samples, global_batch, max_len, 0, packing, workers * micro_batch)
     out = []
     for idx in worker_rows(per_step, workers):
         block = BlockAccessor.batch_to_block({k: rows[k][idx] for k in TRAIN_COLUMNS})
         out.append(ray.data.from_blocks([block]))
     return {"datasets": out, "rows_per_step": per_step, "samples": len(samples), "rows": int(sum(per_step))}
+
+
+def training_samples(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str, ...] | None = None,
+                     rto_end: bool = False) -> list[dict] | None:
+    """The built samples of `kinds` in training order, read on the driver straight from the
+    manifest's Parquet shards (no Ray Data job: for a run's few thousand to a few hundred
+    thousand samples the shuffle-and-pack pipeline cost more than the reading). Shuffled by
+    data.seed; rto samples get the end-of-turn RTO targets with `rto_end` (see rto_end_ids).
+    None when there is no manifest (the samples then stream from the sources)."""
+    import pyarrow.parquet as pq
+
+    from derta.data.tokenize import with_rto_end
+
+    manifest = _checked_manifest(cfg, paths)
+    if manifest is None:
+        return None
+    cols = ["kind", "input_ids", "labels", "rto_mask"]
+    tables = []
+    for uri in shard_uris(paths, manifest):
+        fs, path = storage.pyarrow_fs(uri)
+        tables.append(pq.read_table(path, filesystem=fs, columns=cols))
+    table = pa.concat_tables(tables).combine_chunks() if tables else None
+    if table is None or table.num_rows == 0:
+        return []
+    if kinds is not None:
+        table = _only_kinds(table, tuple(kinds))
+    kind = table.column("kind").to_pylist()
+    flat = {}
+    for c in cols[1:]:
+        arr = table.column(c).combine_chunks()
+        flat[c] = (arr.values.to_numpy(zero_copy_only=False), arr.offsets.to_numpy())
+    end = rto_end_ids(cfg) if rto_end else ()
+    samples = []
+    for i in np.random.default_rng(cfg.data.seed).permutation(table.num_rows):
+        sample = {c: v[o[i]:o[i + 1]] for c, (v, o) in flat.items()}
+        samples.append(with_rto_end(sample, end, cfg.data.max_len) if end and kind[i] == "rto" else sample)
+    return samples
 
 
 __all__ = [

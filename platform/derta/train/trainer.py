@@ -60,11 +60,9 @@ def plan_stages(cfg: ExperimentConfig) -> list[dict[str, Any]]:
 def _dataset(cfg: ExperimentConfig, paths: RunPaths, kinds: list[str] | None):
     from derta.data.pipeline import training_dataset
 
+    """Rows streamed from the sources (no built data to read on the driver)."""
     ds = training_dataset(cfg, paths, kinds=kinds, rto_end=True)  # keep_rule public: EOS is an RTO target
-    ds = ds.select_columns(["input_ids", "labels", "rto_mask", "position_ids"])
-    # Shuffle + packing run once here instead of once per epoch per worker; the row count is
-    # then free, and the row order is fixed for every epoch and every resume.
-    return ds.materialize()
+    return ds.select_columns(["input_ids", "labels", "rto_mask", "position_ids"])
 
 
 TIMELINE_ENV = "DERTA_TRAIN_TIMELINE"  # a directory: each worker writes <rank>.json phase timestamps (profiling)
@@ -118,7 +116,7 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from derta.cluster import LOCAL_TRAIN_ENV, ensure_ray, started_here
-    from derta.data.pipeline import step_datasets
+    from derta.data.pipeline import step_datasets, steps_from_samples, training_samples
     from derta.train.loop import step_plan, worker_key
 
     ensure_ray(cfg)
@@ -126,11 +124,16 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     stages = plan_stages(cfg)
     ds_map: dict[str, Any] = {}
     for st in list(stages):
-        ds = (datasets or {}).get(st["dataset"]) if datasets else _dataset(cfg, paths, st["kinds"])
-        if ds is None:
-            raise ValueError(f"no dataset for training stage {st['name']!r} (key {st['dataset']!r})")
-        # global_batch counts samples: lay the rows out in steps of global_batch samples.
-        lay = step_datasets(ds, tc.global_batch, tc.workers, tc.micro_batch, cfg.data.packing)
+        # global_batch counts samples: lay the samples out in steps of global_batch samples.
+        samples = None if datasets else training_samples(cfg, paths, st["kinds"], rto_end=True)
+        if samples is not None:  # built data: read on the driver, no Ray Data job
+            lay = steps_from_samples(samples, cfg.data.max_len, tc.global_batch, tc.workers, tc.micro_batch,
+                                     cfg.data.packing)
+        else:
+            ds = (datasets or {}).get(st["dataset"]) if datasets else _dataset(cfg, paths, st["kinds"])
+            if ds is None:
+                raise ValueError(f"no dataset for training stage {st['name']!r} (key {st['dataset']!r})")
+            lay = step_datasets(ds, tc.global_batch, tc.workers, tc.micro_batch, cfg.data.packing)
         if lay["samples"] == 0:
             log.warning("training stage %s has no samples; skipped", st["name"])
             stages.remove(st)
