@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable
 
-from derta.config import PRESET_CONFIGS, ConfigError, ExperimentConfig, load_config
+from derta.config import PRESET_CONFIGS, ConfigError, ExperimentConfig, load_config, redact_text
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = False) -> None:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config or PRESET_CONFIGS.get(getattr(args, "preset", "demo")), args.overrides)
         COMMANDS[args.verb](cfg, args)
     except ConfigError as e:
-        print(f"derta: error: {e}", file=sys.stderr)
+        print(redact_text(f"derta: error: {e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("derta: interrupted", file=sys.stderr)
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
-        traceback.print_exc()
-        print(f"derta: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
+        print(redact_text(f"derta: failed: {type(e).__name__}: {e}"), file=sys.stderr)
         return 1
     return 0
 

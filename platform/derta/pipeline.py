@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from rich.console import Console
+from derta.security import RedactingConsole
 from rich.table import Table
 
 from derta import storage
@@ -24,7 +24,7 @@ from derta.config import ExperimentConfig, dump_yaml
 from derta.paths import RunPaths
 from derta.tracking import Tracker, TrackingHandle
 
-console = Console(stderr=False, highlight=False)
+console = RedactingConsole(stderr=False, highlight=False)  # no secret on screen (derta.security)
 
 
 @dataclass

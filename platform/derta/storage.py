@@ -25,6 +25,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from derta.config import redact_text
+
 S3_SCHEME = "s3://"
 DEFAULT_REGION = "us-east-1"
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
@@ -101,10 +103,10 @@ def _s3_errors(uri: str) -> Iterator[None]:
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))
         if code in _NOT_FOUND:
-            raise FileNotFoundError(f"{uri}: not found ({code})") from None
-        raise StorageError(f"{uri}: {e}") from e
+            raise FileNotFoundError(redact_text(f"{uri}: not found ({code})")) from None
+        raise StorageError(redact_text(f"{uri}: {e}")) from None
     except BotoCoreError as e:
-        raise StorageError(f"{uri}: {e}") from e
+        raise StorageError(redact_text(f"{uri}: {e}")) from None
 
 
 # --------------------------------------------------------------------------- read / write
@@ -331,11 +333,24 @@ def download_dir(uri: PathLike, local_dir: PathLike) -> None:
         raise FileNotFoundError(f"{uri}: no objects under this prefix")
     client = s3_client()
     for k in keys:
-        dst = os.path.join(local_dir, *k[len(prefix) :].split("/"))
+        dst = _under(local_dir, k[len(prefix) :], uri)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         # s3transfer writes to a temp name and renames, so each file lands atomically.
         with _s3_errors(_s3_uri(bucket, k)):
             client.download_file(bucket, k, dst)
+
+
+def _under(root: str, rel: str, uri: str) -> str:
+    """root/rel for an object key rel, refused (StorageError) when '..' or an absolute key
+    would put the file outside root: S3 keys are any string, and a bucket is not trusted."""
+    parts = rel.split("/")
+    if any(p in ("..", ".") for p in parts) or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        raise StorageError(redact_text(f"{uri}: object key {rel!r} would be written outside {root}; refused"))
+    out = os.path.join(root, *[p for p in parts if p])
+    base = os.path.realpath(root)
+    if os.path.realpath(out) != base and not os.path.realpath(out).startswith(base + os.sep):
+        raise StorageError(redact_text(f"{uri}: object key {rel!r} would be written outside {root}; refused"))
+    return out
 
 
 def default_cache_dir() -> str:
@@ -355,7 +370,7 @@ def local_copy(uri: PathLike, cache_dir: PathLike | None = None) -> str:
         return uri
     bucket, key = parse_s3(uri)
     key = key.strip("/")
-    target = os.path.join(str(cache_dir or default_cache_dir()), bucket, *key.split("/"))
+    target = _under(str(cache_dir or default_cache_dir()), f"{bucket}/{key}", uri)
     if os.path.exists(target):
         return target
     parent = os.path.dirname(target)

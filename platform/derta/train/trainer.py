@@ -145,7 +145,9 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     ckpt_root = paths.checkpoints
     if tc.resume == "never":
         storage.delete(storage.join(ckpt_root, RAY_RUN_NAME))
-    fs, storage_path = storage.pyarrow_fs(ckpt_root, embed_credentials=True)
+    # No keys in this filesystem: Train pickles it into trainer.pkl under the run directory.
+    # Workers get the driver's settings from the sealed `env` below (their own chain otherwise).
+    fs, storage_path = storage.pyarrow_fs(ckpt_root)
     if fs is None:
         storage_path = os.path.abspath(storage_path)
         os.makedirs(storage_path, exist_ok=True)
@@ -180,6 +182,12 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
 
         loop_config["resume_from"] = find_latest(storage.join(ckpt_root, RAY_RUN_NAME))
 
+    from derta.security import release, seal
+
+    # The unredacted config, tracking handle and env stay in the cluster's memory (see
+    # derta.security): Train pickles train_loop_config into trainer.pkl in the run directory.
+    sealed_keys = ("experiment", "tracking", "env")
+    loop_config = {k: seal(v) if k in sealed_keys and v is not None else v for k, v in loop_config.items()}
     trainer = TorchTrainer(
         _entry,
         train_loop_config=loop_config,
@@ -197,7 +205,10 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
         datasets=ds_map,
         dataset_config=DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        release(*(loop_config[k] for k in sealed_keys))
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     steps = int(metrics.get("step", sum(p.total_steps for p in plans)))
     if export:
@@ -207,6 +218,7 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
 
 def _entry(config: dict[str, Any]) -> None:
     # Imported inside the worker so the driver does not pickle the loop module's globals.
+    from derta.security import unseal_keys
     from derta.train.loop import train_loop_per_worker
 
-    train_loop_per_worker(config)
+    train_loop_per_worker(unseal_keys(config))
