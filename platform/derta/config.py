@@ -293,7 +293,7 @@ class StorageConfig(Strict):
     @field_validator("root")
     @classmethod
     def _root(cls, v: str) -> str:
-        if v.startswith("s3://") and "@" in v[5:].partition("/")[0]:
+        if "://" in v and _URI_USERINFO.match(v):
             raise ValueError("credentials in an s3:// URI are not supported (they would be written into "
                              "every artefact); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile")
         return v

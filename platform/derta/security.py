@@ -5,14 +5,11 @@
   cluster's in-memory key-value store. Ray Train and Tune pickle their run configs into
   trainer.pkl / tuner.pkl under the run directory; a sealed value pickles as its key only.
 * `RedactingConsole`: every printed line (tracking URI, run directory, error text) redacted.
-* `contained`: a path built from an untrusted key (an S3 object key, a run name) that would
-  land outside its root is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import uuid
 from typing import Any, Iterator
@@ -89,15 +86,3 @@ class RedactingConsole(Console):
 
     def rule(self, title: Any = "", **kwargs: Any) -> None:
         super().rule(redact_text(title) if isinstance(title, str) else title, **kwargs)
-
-
-def contained(root: str, rel: str, what: str = "key") -> str:
-    """os.path.join(root, rel) when the result stays under root; ValueError otherwise."""
-    parts = rel.replace("\\", "/").split("/")
-    if os.path.isabs(rel) or any(p == ".." for p in parts):
-        raise ValueError(f"{what} {rel!r} would escape {root}")
-    base = os.path.realpath(root)
-    out = os.path.realpath(os.path.join(root, *[p for p in parts if p not in ("", ".")]))
-    if out != base and not out.startswith(base + os.sep):
-        raise ValueError(f"{what} {rel!r} would escape {root}")
-    return os.path.join(root, *[p for p in parts if p not in ("", ".")])

@@ -197,12 +197,21 @@ def _readable(directory: str) -> None:
             os.chmod(os.path.join(d, f), 0o644)
 
 
+def _rel_files(directory: str) -> list[str]:
+    return [os.path.relpath(os.path.join(d, f), directory) for d, _, files in os.walk(directory) for f in files]
+
+
 def publish_dir(local_dir: str, uri: str) -> None:
     """Move a finished local directory to uri atomically (local rename) or upload it (s3)."""
     _readable(local_dir)
     if storage.is_s3(uri):
-        storage.delete(uri)
+        # Upload first, then remove what the new directory no longer has: a failed upload
+        # leaves the previous model in place (S3 has no directory rename).
+        before = set(storage.list_files(uri))
         storage.upload_dir(local_dir, uri)
+        after = {storage.join(uri, rel.replace(os.sep, "/")) for rel in _rel_files(local_dir)}
+        for stale in sorted(before - after):
+            storage.delete(stale)
         shutil.rmtree(local_dir, ignore_errors=True)
         return
     uri = os.path.abspath(uri)

@@ -1,0 +1,156 @@
+"""Security and reliability (issue 18): redaction, containment, finite floats, and a sweep of
+every byte a real `derta run` + `derta tune` wrote for the secrets they were given."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from derta.cli import main
+from derta.config import ConfigError, ExperimentConfig, load_config, redact, redact_text, validate_config
+
+AWS_SECRET = "AKsweep/S3cr3t+Key0123456789abcdefSWEEP"  # like AWS secret keys: holds '/' and '+'
+
+
+# --------------------------------------------------------------------------- redaction
+@pytest.mark.parametrize("text, secret, kept", [
+    ("https://user:Se/cret+x@host/p", "Se/cret", "https://user:***@host/p"),
+    ("https://ghp_TOKEN123456@github.com/o/r", "ghp_TOKEN123456", "https://***@github.com/o/r"),
+    ("https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F20260101&"
+     "X-Amz-Signature=deadbeef42&X-Amz-Security-Token=FwoGZX", "deadbeef42", "X-Amz-Algorithm=AWS4"),
+    ("curl -H 'Authorization: Bearer sk-abcdefghijkl'", "sk-abcdefghijkl", "Authorization: Bearer ***"),
+    ("mlflow at http://u:p4ss@h:5000 and s3://bucket/key@v2", "p4ss", "s3://bucket/key@v2"),
+])  # fmt: skip
+def test_redact_text_covers_uri_query_and_header_secrets(text, secret, kept):
+    out = redact_text(text)
+    assert secret not in out and kept in out
+    assert "AKIA%2F20260101" not in out and "FwoGZX" not in out
+
+
+def test_redact_by_key_and_environment_values(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_envsecret999")
+    red = redact({"hf_token": "x1", "GITHUB_TOKEN": "x2", "Authorization": "Basic x3", "session_token": "x4",
+                  "refusal_token": "Sorry", "judge_api_key_env": "OPENAI_API_KEY", "max_new_tokens": 64,
+                  "note": "a log line with hf_envsecret999 inside"})
+    assert red == {"hf_token": "***", "GITHUB_TOKEN": "***", "Authorization": "***", "session_token": "***",
+                   "refusal_token": "Sorry", "judge_api_key_env": "OPENAI_API_KEY", "max_new_tokens": 64,
+                   "note": "a log line with *** inside"}
+
+
+def test_config_errors_never_echo_a_secret_value(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    # A secret-looking key that does not exist: the value is hidden, the key named.
+    assert main(["plan", "--config", str(cfg), "--set", "model.hf_token=hf_abcdef123456"]) == 2
+    err = capsys.readouterr().err
+    assert "hf_abcdef123456" not in err and "model.hf_token=***" in err and "unknown key 'model.hf_token'" in err
+    # A bad value inside a URI: the password never shows.
+    assert main(["plan", "--config", str(cfg), "--set", "tracking.uri={u: http://a:pw123456@h}"]) == 2
+    err = capsys.readouterr().err
+    assert "pw123456" not in err and "tracking.uri" in err
+    # Credentials inside an s3:// storage root are refused (they would land in every artefact).
+    assert main(["plan", "--config", str(cfg), "--set", "storage.root=s3://AKIAX:Sec/ret@bucket/runs"]) == 2
+    err = capsys.readouterr().err
+    assert "Sec/ret" not in err and "storage.root" in err and "AWS_ACCESS_KEY_ID" in err
+
+
+def test_printed_lines_are_redacted(capsys):
+    from derta.pipeline import console
+
+    console.print("MLflow store  : https://alice:Pa/ss@mlflow.example.com")
+    out = capsys.readouterr().out
+    assert "Pa/ss" not in out and "alice:***@mlflow.example.com" in out
+
+
+# --------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("override, key", [
+    ("data.prefix.beta_a=.inf", "data.prefix.beta_a"),
+    ("train.lr=.nan", "train.lr"),
+    ("data.mix.prefix=.inf", "data.mix.prefix"),
+    ("tune.space={train.lr: {sampler: choice, values: [1.0, .inf]}}", "tune.space"),
+    ("eval.prefill_k=[0,-5]", "eval.prefill_k"),
+    ("storage.run_name=../x", "storage.run_name"),
+    ("storage.run_name=/etc", "storage.run_name"),
+    ("storage.run_name=a/b", "storage.run_name"),
+    ("storage.run_name=..", "storage.run_name"),
+])  # fmt: skip
+def test_bad_values_are_refused_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_good_run_names_pass():
+    for name in ("e2e", "derta-20260101-120000", "arm_1.v2"):
+        assert load_config(None, [f"storage.run_name={name}"]).storage.run_name == name
+    from derta.paths import RunPaths
+
+    with pytest.raises(ValueError, match="one path segment"):
+        RunPaths("/tmp/runs", "../escape")
+
+
+# --------------------------------------------------------------------------- containment
+def test_s3_keys_with_dotdot_never_leave_the_download_dir(s3_bucket, tmp_path):
+    from derta import storage
+
+    bucket = s3_bucket[len("s3://"):]
+    client = storage.s3_client()
+    client.put_object(Bucket=bucket, Key="model/ok.txt", Body=b"ok")
+    client.put_object(Bucket=bucket, Key="model/../../../escaped.txt", Body=b"evil")
+    dst = tmp_path / "a" / "b" / "dl"
+    with pytest.raises(storage.StorageError, match="outside"):
+        storage.download_dir(f"{s3_bucket}/model", dst)
+    with pytest.raises(storage.StorageError, match="outside"):
+        storage.local_copy(f"{s3_bucket}/model/../../../escaped.txt", tmp_path / "cache")
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_s3_publish_uploads_before_removing_the_old_model(s3_bucket, tmp_path, monkeypatch):
+    from derta import storage
+    from derta.train import checkpoint
+
+    uri = f"{s3_bucket}/run/model"
+
+    def staged(files: dict[str, str]) -> str:
+        d = tempfile.mkdtemp(dir=tmp_path)
+        for rel, text in files.items():
+            Path(d, rel).write_text(text)
+        return d
+
+    checkpoint.publish_dir(staged({"config.json": "v1", "old-shard.bin": "v1"}), uri)
+    real_upload = storage.upload_dir
+
+    def failing_upload(local_dir, dst):
+        raise storage.StorageError("network down")
+
+    monkeypatch.setattr(storage, "upload_dir", failing_upload)
+    with pytest.raises(storage.StorageError):
+        checkpoint.publish_dir(staged({"config.json": "v2"}), uri)
+    assert storage.read_text(f"{uri}/config.json") == "v1"  # the old model survives a failed publish
+    monkeypatch.setattr(storage, "upload_dir", real_upload)
+    checkpoint.publish_dir(staged({"config.json": "v2", "model.safetensors": "v2"}), uri)
+    assert sorted(f.rsplit("/", 1)[1] for f in storage.list_files(uri)) == ["config.json", "model.safetensors"]
+    assert storage.read_text(f"{uri}/config.json") == "v2"
+
+
+# --------------------------------------------------------------------------- sealed values
+def test_sealed_values_pickle_as_a_key_only(ray_local):
+    from derta.security import release, seal, unseal
+
+    s = seal({"AWS_SECRET_ACCESS_KEY": AWS_SECRET})
+    blob = pickle.dumps(s)
+    assert AWS_SECRET.encode() not in blob
+    assert unseal(pickle.loads(blob)) == {"AWS_SECRET_ACCESS_KEY": AWS_SECRET}
+    assert ray_local.get(ray_local.remote(lambda x: unseal(x)["AWS_SECRET_ACCESS_KEY"]).remote(s)) == AWS_SECRET
+    release(s)
+    with pytest.raises(RuntimeError, match="gone"):
+        unseal(s)
+
+
+from _fixtures import ray_local  # noqa: E402,F401
