@@ -154,3 +154,98 @@ def test_sealed_values_pickle_as_a_key_only(ray_local):
 
 
 from _fixtures import ray_local  # noqa: E402,F401
+
+
+# --------------------------------------------------------------------------- the sweep
+SECRETS = {
+    "aws": AWS_SECRET,
+    "tracking password": "TrackPw_S3cret9",
+    "judge api key": "JudgeKey_S3cret7",
+    "hf token": "hf_SweepToken_S3cret5",
+    "mlflow token": "MlflowTok_S3cret3",
+}
+
+
+def _needles() -> dict[str, bytes]:
+    from urllib.parse import quote
+
+    out = {}
+    for name, s in SECRETS.items():
+        out[name] = s.encode()
+        out[f"{name} (url-quoted)"] = quote(s, safe="").encode()
+    return out
+
+
+def _hits(blobs: dict[str, bytes]) -> list[str]:
+    needles = _needles()
+    return [f"{where}: {name}" for where, data in blobs.items() for name, n in needles.items() if n in data]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    out = {}
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and not p.is_socket():
+            try:
+                out[str(p)] = p.read_bytes()
+            except OSError:
+                pass
+    return out
+
+
+@pytest.mark.slow
+def test_secret_sweep_run_and_tune_write_no_secret(s3_bucket, mlflow_server, tmp_path, tmp_path_factory):
+    """`derta run` and `derta tune` (tiny, on S3 + an MLflow server) with secrets in env, config
+    and URIs; then every byte they wrote (S3 objects, pickles, the local cache, Ray's session
+    directory, the MLflow store) and printed is searched for each secret: 0 hits."""
+    import boto3
+
+    host = mlflow_server.split("://", 1)[1]
+    cfg = {
+        "model": {"name_or_path": "builtin:tiny"},
+        "data": {"safety": {"uri": "builtin:demo", "limit": 64}, "helpful": {"uri": "builtin:demo", "limit": 32},
+                 "max_len": 160},
+        "train": {"workers": 1, "max_steps": 2, "global_batch": 8, "micro_batch": 8, "lr": 1e-3, "warmup_ratio": 0.0},
+        "eval": {"engine": "hf", "limit": 4, "prefill_k": [0, 10], "max_new_tokens": 8, "helpfulness": ["demo"],
+                 "judge_url": f"https://judge.example/v1?api_key={SECRETS['judge api key']}"},
+        "tune": {"num_samples": 2, "max_concurrent_trials": 1, "scheduler": "fifo", "proxy_samples": 8,
+                 "space": {"train.lr": {"sampler": "choice", "values": [1e-3, 3e-3]}}},
+        "tracking": {"uri": f"http://sweep:{SECRETS['tracking password']}@{host}", "experiment": "sweep"},
+        "storage": {"root": f"{s3_bucket}/runs"},
+    }  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ray_tmp = tempfile.mkdtemp(prefix="rsw", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {**os.environ, "DERTA_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp,
+           "AWS_SECRET_ACCESS_KEY": SECRETS["aws"], "HF_TOKEN": SECRETS["hf token"],
+           "MLFLOW_TRACKING_TOKEN": SECRETS["mlflow token"]}
+    env.pop("RAY_ADDRESS", None)
+    printed = {}
+    for verb, name in (("run", "sweep-run"), ("tune", "sweep-tune")):
+        proc = subprocess.run([sys.executable, "-m", "derta.cli", verb, "--config", str(path),
+                               "--set", f"storage.run_name={name}"],
+                              capture_output=True, env=env, timeout=900, cwd=tmp_path)
+        assert proc.returncode == 0, (proc.stdout[-3000:] + proc.stderr[-3000:]).decode(errors="replace")
+        printed[f"{verb} stdout"], printed[f"{verb} stderr"] = proc.stdout, proc.stderr
+
+    blobs = dict(printed)
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    bucket = s3_bucket[len("s3://"):]
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    assert any(k.endswith(".pkl") for k in keys), keys  # Tune/Train state was written and is swept
+    assert any(k.startswith("runs/sweep-run/model/") for k in keys) and any("sweep-tune/tune" in k for k in keys)
+    for k in keys:
+        blobs[f"s3://{bucket}/{k}"] = s3.get_object(Bucket=bucket, Key=k)["Body"].read()
+    blobs.update(_files(tmp_path))
+    blobs.update(_files(Path(ray_tmp)))
+    for store in tmp_path_factory.getbasetemp().glob("mlflow_server*"):
+        blobs.update(_files(store))
+    assert len(blobs) > 50
+    assert _hits(blobs) == []
+    # The tracking server got the runs (the URI with its password worked), under one experiment.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("sweep")
+    names = {r.info.run_name for r in client.search_runs([exp.experiment_id])}
+    assert {"sweep-run", "train"} <= names
