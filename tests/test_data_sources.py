@@ -249,3 +249,9 @@ def test_a_non_utf8_byte_is_one_bad_row_at_its_true_line_and_the_rest_is_read(tm
     j.write_bytes(b"\n".join(json.dumps({**TRIPLE, "query": f"q{i}"}).encode() for i in range(5)).replace(b"q2", b"q\xff"))
     rows = _read(j)
     assert len(rows) == 5 and [r["loc"] for r in rows if r["error"]] == ["3"] and rows[4]["error"] is None
+
+
+def test_skip_summary_line():
+    assert S.skip_summary({}, {}) is None
+    line = S.skip_summary({"bad_line": 1, "empty_field": 2}, {"prefix": 4})
+    assert line == "data: rows skipped: 3 (bad_line 1, empty_field 2); samples trimmed: 4 (prefix 4) - see the manifest for details"

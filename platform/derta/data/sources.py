@@ -476,3 +476,13 @@ def _normalize_table(batch: pa.Table, spec: SourceSpec) -> pa.Table:
         i = raw.pop("__row")
         builder.add(i, f"row {i + 1}", raw, None)
     return builder.flush()
+
+
+def skip_summary(skipped: dict[str, int], trimmed: dict[str, int]) -> str | None:
+    """One console line for the rows a build left out or trimmed (None when there were none)."""
+    parts = []
+    if skipped:
+        parts.append(f"rows skipped: {sum(skipped.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) + ")")
+    if trimmed:
+        parts.append(f"samples trimmed: {sum(trimmed.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(trimmed.items())) + ")")
+    return "data: " + "; ".join(parts) + " - see the manifest for details" if parts else None
