@@ -254,4 +254,4 @@ def test_a_non_utf8_byte_is_one_bad_row_at_its_true_line_and_the_rest_is_read(tm
 def test_skip_summary_line():
     assert S.skip_summary({}, {}) is None
     line = S.skip_summary({"bad_line": 1, "empty_field": 2}, {"prefix": 4})
-    assert line == "data: rows skipped: 3 (bad_line 1, empty_field 2); samples trimmed: 4 (prefix 4) - see the manifest for details"
+    assert line == "data: rows skipped: 3 (empty_field 2, bad_line 1); samples trimmed: 4 (prefix 4) - see the manifest for details"

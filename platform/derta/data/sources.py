@@ -480,9 +480,10 @@ def _normalize_table(batch: pa.Table, spec: SourceSpec) -> pa.Table:
 
 def skip_summary(skipped: dict[str, int], trimmed: dict[str, int]) -> str | None:
     """One console line for the rows a build left out or trimmed (None when there were none)."""
-    parts = []
-    if skipped:
-        parts.append(f"rows skipped: {sum(skipped.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) + ")")
-    if trimmed:
-        parts.append(f"samples trimmed: {sum(trimmed.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(trimmed.items())) + ")")
+    def part(what: str, counts: dict[str, int]) -> str:
+        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        more = ", ..." if len(top) > 5 else ""
+        return f"{what}: {sum(counts.values())} (" + ", ".join(f"{k} {v}" for k, v in top[:5]) + more + ")"
+
+    parts = [part(w, c) for w, c in (("rows skipped", skipped), ("samples trimmed", trimmed)) if c]
     return "data: " + "; ".join(parts) + " - see the manifest for details" if parts else None
