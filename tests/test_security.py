@@ -139,6 +139,51 @@ def test_s3_publish_uploads_before_removing_the_old_model(s3_bucket, tmp_path, m
     assert storage.read_text(f"{uri}/config.json") == "v2"
 
 
+# --------------------------------------------------------------------------- reachability
+@pytest.fixture
+def silent_port():
+    """A TCP port that accepts connections (backlog) and never answers."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    yield srv.getsockname()[1]
+    srv.close()
+
+
+def test_an_s3_endpoint_or_tracking_server_that_never_answers_fails_in_seconds(silent_port, monkeypatch, tmp_path):
+    import time
+
+    from derta import storage
+    from derta.tracking import check_reachable
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent_port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"s3://bkt/runs: the S3 endpoint http://127\.0\.0\.1:\d+ did not answer within 1s"):
+        storage.check_reachable("s3://bkt/runs", timeout=1)
+    with pytest.raises(ConfigError, match=r"tracking\.uri: the MLflow server http://u:\*\*\*@127\.0\.0\.1:\d+ did not answer"):
+        check_reachable(f"http://u:pw@127.0.0.1:{silent_port}", timeout=1)
+    assert time.monotonic() - t0 < 15
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ConfigError, match="cannot be written"):
+        check_reachable(f"sqlite:///{afile}/sub/mlflow.db")
+    with pytest.raises(ConfigError, match="cannot be written"):
+        check_reachable("sqlite:////proc/derta/mlflow.db")
+    check_reachable(f"sqlite:///{tmp_path}/new/dir/mlflow.db")  # created later: fine
+
+
+def test_s3_bucket_checks(s3_bucket):
+    from derta import storage
+
+    storage.check_reachable(f"{s3_bucket}/runs")
+    with pytest.raises(ConfigError, match="does not exist"):
+        storage.check_reachable("s3://no-such-bucket-derta/runs")
+
+
 # --------------------------------------------------------------------------- sealed values
 def test_sealed_values_pickle_as_a_key_only(ray_local):
     from derta.security import release, seal, unseal

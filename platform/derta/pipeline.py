@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from derta.security import RedactingConsole
+from derta.security import RedactingConsole, check_services
 from rich.table import Table
 
 from derta import storage
@@ -46,6 +46,7 @@ def run_paths(cfg: ExperimentConfig) -> RunPaths:
     if cfg.storage.run_name is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         cfg.storage.run_name = f"{cfg.train.method}-{stamp}"
+    check_services(cfg)  # S3 endpoint / tracking store answer in seconds, else exit 2
     return RunPaths(cfg.storage.root, cfg.storage.run_name)
 
 

@@ -86,3 +86,22 @@ class RedactingConsole(Console):
 
     def rule(self, title: Any = "", **kwargs: Any) -> None:
         super().rule(redact_text(title) if isinstance(title, str) else title, **kwargs)
+
+
+_CHECKED: set[tuple[str, str | None]] = set()
+
+
+def check_services(cfg: Any, timeout: float = 5.0) -> None:
+    """Before anything starts: the S3 endpoint of storage.root and the tracking store answer
+    within seconds (ConfigError -> exit 2 otherwise). Once per (root, tracking URI) per process."""
+    from derta import storage
+    from derta.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking.uri, cfg.storage.root) if cfg.tracking.enabled else None
+    key = (cfg.storage.root, uri)
+    if key in _CHECKED:
+        return
+    storage.check_reachable(cfg.storage.root, timeout)
+    if uri:
+        check_reachable(uri, timeout)
+    _CHECKED.add(key)

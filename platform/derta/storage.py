@@ -109,6 +109,39 @@ def _s3_errors(uri: str) -> Iterator[None]:
         raise StorageError(redact_text(f"{uri}: {e}")) from None
 
 
+def check_reachable(uri: PathLike, timeout: float = 5.0) -> None:
+    """For an s3:// uri: one HEAD of its bucket with a short timeout and no retries, so an
+    endpoint that never answers fails in seconds (the default client retries for minutes).
+    Raises ConfigError naming the endpoint / bucket; local paths are not checked here."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+
+    from derta.config import ConfigError
+
+    uri = str(uri)
+    if not is_s3(uri):
+        return
+    bucket, _ = parse_s3(uri)
+    where = endpoint_url() or "AWS S3"
+    cfg = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1},
+                 s3={"addressing_style": "path"} if endpoint_url() else {})
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint_url(), region_name=_region() or DEFAULT_REGION,
+                                            config=cfg)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except (ConnectTimeoutError, ReadTimeoutError, EndpointConnectionError) as e:
+        raise ConfigError(redact_text(f"{uri}: the S3 endpoint {where} did not answer within {timeout:g}s "
+                                      f"({type(e).__name__}); check AWS_ENDPOINT_URL and the network")) from None
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in _NOT_FOUND:
+            raise ConfigError(f"{uri}: bucket {bucket!r} does not exist at {redact_text(where)}; create it first") from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise ConfigError(f"{uri}: access to bucket {bucket!r} denied ({code}); check the AWS credentials") from None
+        raise StorageError(redact_text(f"{uri}: {e}")) from None
+    except BotoCoreError as e:
+        raise ConfigError(redact_text(f"{uri}: cannot reach the S3 endpoint {where}: {e}")) from None
+
+
 # --------------------------------------------------------------------------- read / write
 def read_bytes(uri: PathLike) -> bytes:
     uri = str(uri)
