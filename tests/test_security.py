@@ -184,6 +184,24 @@ def test_s3_bucket_checks(s3_bucket):
         storage.check_reachable("s3://no-such-bucket-derta/runs")
 
 
+# --------------------------------------------------------------------------- reruns
+def test_same_name_other_config_is_refused_naming_keys_unless_a_new_run_is_asked(tmp_path):
+    from derta import storage
+    from derta.config import dump_yaml
+    from derta.pipeline import run_paths
+
+    base = ["storage.root=" + str(tmp_path / "runs"), "storage.run_name=r1"]
+    first = load_config(None, base)
+    paths = run_paths(first)
+    storage.write_text(paths.config, dump_yaml(first.redacted()))  # what every verb writes first
+    # Same config (where/how it runs may change): resumes the same directory.
+    assert run_paths(load_config(None, [*base, "train.max_failures=2", "ray.num_cpus=3"])).dir == paths.dir
+    with pytest.raises(ConfigError, match=r"run 'r1' already exists .*\(eval\.limit, train\.loss\.w_rto, train\.lr differ\)"):
+        run_paths(load_config(None, [*base, "train.lr=0.5", "train.loss.w_rto=0", "eval.limit=3"]))
+    fresh = load_config(None, [*base, "train.lr=0.5", "storage.if_exists=new"])
+    assert run_paths(fresh).name == "r1-2" and fresh.storage.run_name == "r1-2"
+
+
 # --------------------------------------------------------------------------- sealed values
 def test_sealed_values_pickle_as_a_key_only(ray_local):
     from derta.security import release, seal, unseal

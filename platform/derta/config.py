@@ -284,6 +284,9 @@ def check_run_name(name: str) -> str:
 class StorageConfig(Strict):
     root: str = "./runs"  # local path or s3://bucket/prefix
     run_name: str | None = None  # default: <method>-<UTC timestamp>
+    # An existing run of that name: `resume` it when its config is the same (another config is
+    # refused, naming the keys), or start a `new` run `<run_name>-N` beside it.
+    if_exists: Literal["resume", "new"] = "resume"
 
     @field_validator("run_name")
     @classmethod

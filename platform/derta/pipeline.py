@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from derta.rerun import resolve_rerun
 from derta.security import RedactingConsole, check_services
 from rich.table import Table
 
@@ -47,7 +48,7 @@ def run_paths(cfg: ExperimentConfig) -> RunPaths:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         cfg.storage.run_name = f"{cfg.train.method}-{stamp}"
     check_services(cfg)  # S3 endpoint / tracking store answer in seconds, else exit 2
-    return RunPaths(cfg.storage.root, cfg.storage.run_name)
+    return resolve_rerun(cfg, RunPaths(cfg.storage.root, cfg.storage.run_name))  # same name, other config: exit 2
 
 
 @functools.lru_cache(maxsize=1)
