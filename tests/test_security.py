@@ -202,6 +202,29 @@ def test_same_name_other_config_is_refused_naming_keys_unless_a_new_run_is_asked
     assert run_paths(fresh).name == "r1-2" and fresh.storage.run_name == "r1-2"
 
 
+# --------------------------------------------------------------------------- checkpoint trust
+def test_resume_trusts_only_checkpoints_this_run_recorded(tmp_path):
+    from derta.train import checkpoint as C
+
+    root, ledger = tmp_path / "ckpts", str(tmp_path / "ledger.json")
+
+    def ckpt(name: str, step: int) -> str:
+        d = root / name
+        d.mkdir(parents=True)
+        (d / ".metadata").write_bytes(b"pickled-metadata-" + name.encode())
+        (d / C.STATE_FILE).write_text(C.TrainState(step=step).to_json())
+        return str(d)
+
+    ours = ckpt("checkpoint_a", 2)
+    C.record_checkpoint(ours, ledger, "fp1")
+    planted = ckpt("checkpoint_b", 9)  # newer, but nobody recorded it
+    assert C.find_latest(str(root)) == planted  # without a ledger: the newest (old behaviour)
+    assert C.find_latest(str(root), ledger, "fp1") == ours
+    assert C.find_latest(str(root), ledger, "other-config") is None  # another config's checkpoint
+    (root / "checkpoint_a" / ".metadata").write_bytes(b"tampered")
+    assert C.find_latest(str(root), ledger, "fp1") is None
+
+
 # --------------------------------------------------------------------------- sealed values
 def test_sealed_values_pickle_as_a_key_only(ray_local):
     from derta.security import release, seal, unseal

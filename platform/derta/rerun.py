@@ -8,6 +8,8 @@ relabel the old model with the new config.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import yaml
@@ -36,6 +38,13 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = _flat(old), _flat(new)
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return [k for k in keys if not any(k == i or k.startswith(i + ".") for i in IGNORED)]
+
+
+def config_fingerprint(cfg: ExperimentConfig) -> str:
+    """Hash of everything that decides what a run computes (IGNORED keys left out): resume
+    trusts only checkpoints written under the same fingerprint."""
+    flat = {k: v for k, v in _flat(redact(cfg.to_dict())).items() if not any(k == i or k.startswith(i + ".") for i in IGNORED)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def resolve_rerun(cfg: ExperimentConfig, paths: RunPaths) -> RunPaths:

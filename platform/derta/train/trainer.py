@@ -165,6 +165,11 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     # server as the driver. Sent inside the (pickled) loop config and applied by the worker,
     # not as a runtime_env, so credentials never show up in Ray's dashboard.
     env = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+    from derta.rerun import config_fingerprint
+    from derta.train.checkpoint import FINGERPRINT_ENV, LEDGER_ENV
+
+    ledger, fingerprint = storage.join(ckpt_root, "ledger.json"), config_fingerprint(cfg)
+    env.update({LEDGER_ENV: ledger, FINGERPRINT_ENV: fingerprint})  # rank 0 records what it saves
     loop_config = {
         "experiment": cfg.to_dict(),
         "stages": [{k: v for k, v in st.items() if k != "kinds"} for st in stages],
@@ -180,7 +185,7 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     if tc.resume == "auto":
         from derta.train.checkpoint import find_latest
 
-        loop_config["resume_from"] = find_latest(storage.join(ckpt_root, RAY_RUN_NAME))
+        loop_config["resume_from"] = find_latest(storage.join(ckpt_root, RAY_RUN_NAME), ledger, fingerprint)
 
     from derta.security import release, seal
 
