@@ -428,21 +428,16 @@ def local_copy(uri: PathLike, cache_dir: PathLike | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- pyarrow
-# Credential providers whose keys do not expire. Role / SSO / instance credentials do, and
-# pyarrow's own chain refreshes them on each node, so those are never embedded.
-STATIC_CREDENTIAL_SOURCES = {"env", "explicit", "shared-credentials-file", "config-file"}
-
-
 def pyarrow_fs(uri: PathLike, *, embed_credentials: bool = False) -> tuple[Any, str]:
     """(filesystem, path) for pyarrow / Ray Data (`read_parquet(path, filesystem=fs)`).
 
     Local paths give (None, path). For s3 the filesystem carries the endpoint override, so Ray
-    Data reaches the same store as boto3; credentials come from the AWS default chain on
-    whichever node uses it. With `embed_credentials` (a filesystem built in the driver that
-    travels pickled to Ray tasks, workers or checkpoint storage) it also carries the driver's
-    static keys, so processes whose environment lacks them (a cluster started earlier) still
-    reach the same store.
+    Data reaches the same store as boto3, and never any keys: these filesystems are pickled
+    (Tune's tuner.pkl and Train's trainer.pkl land in the run directory), so credentials come
+    from the AWS default chain of whichever process uses it (env, profile, instance role).
+    `embed_credentials` is accepted for older callers and ignored.
     """
+    del embed_credentials
     uri = str(uri)
     if not is_s3(uri):
         return None, uri
@@ -450,21 +445,7 @@ def pyarrow_fs(uri: PathLike, *, embed_credentials: bool = False) -> tuple[Any, 
     endpoint, region = endpoint_url(), _region()
     if not endpoint and not region:
         region = _bucket_region(bucket)  # AWS S3 proper: buckets live in one region each
-    creds = _static_credentials() if embed_credentials else None
-    fs = _new_arrow_s3(endpoint, region, **creds) if creds else _arrow_s3(endpoint, region)
-    return fs, f"{bucket}/{key}".rstrip("/")
-
-
-def _static_credentials() -> dict[str, str] | None:
-    """The driver's resolved AWS keys as S3FileSystem arguments; None unless they are static."""
-    creds = boto3.session.Session().get_credentials()
-    if creds is None or getattr(creds, "method", None) not in STATIC_CREDENTIAL_SOURCES:
-        return None
-    frozen = creds.get_frozen_credentials()
-    out = {"access_key": frozen.access_key, "secret_key": frozen.secret_key}
-    if frozen.token:
-        out["session_token"] = frozen.token
-    return out
+    return _arrow_s3(endpoint, region), f"{bucket}/{key}".rstrip("/")
 
 
 @functools.lru_cache(maxsize=64)
@@ -482,11 +463,11 @@ def _arrow_s3(endpoint: str | None, region: str | None) -> Any:
     return _new_arrow_s3(endpoint, region)
 
 
-def _new_arrow_s3(endpoint: str | None, region: str | None, **credentials: str) -> Any:
-    """A pyarrow S3FileSystem; not cached when it carries keys (they may change)."""
+def _new_arrow_s3(endpoint: str | None, region: str | None) -> Any:
+    """A pyarrow S3FileSystem with no keys of its own (see pyarrow_fs)."""
     from pyarrow import fs as pafs
 
-    kwargs: dict[str, Any] = {"region": region or DEFAULT_REGION, **credentials}
+    kwargs: dict[str, Any] = {"region": region or DEFAULT_REGION}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         if not host:  # "host:port" without a scheme
