@@ -39,8 +39,9 @@ class RunSummary:
 
 
 # --------------------------------------------------------------------------- run setup
-def run_paths(cfg: ExperimentConfig) -> RunPaths:
-    """The run's paths; a run without a name gets `<method>-<UTC timestamp>` (set once)."""
+def run_paths(cfg: ExperimentConfig, rerun_check: bool = True) -> RunPaths:
+    """The run's paths; a run without a name gets `<method>-<UTC timestamp>` (set once).
+    rerun_check=False for verbs that only read a run (report)."""
     if not storage.is_s3(cfg.storage.root) and not os.path.isabs(cfg.storage.root):
         # Ray workers and actors run in other directories: hand them absolute paths.
         cfg.storage.root = os.path.abspath(cfg.storage.root)
@@ -48,7 +49,8 @@ def run_paths(cfg: ExperimentConfig) -> RunPaths:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         cfg.storage.run_name = f"{cfg.train.method}-{stamp}"
     check_services(cfg)  # S3 endpoint / tracking store answer in seconds, else exit 2
-    return resolve_rerun(cfg, RunPaths(cfg.storage.root, cfg.storage.run_name))  # same name, other config: exit 2
+    paths = RunPaths(cfg.storage.root, cfg.storage.run_name)
+    return resolve_rerun(cfg, paths) if rerun_check else paths  # same name, other config: exit 2
 
 
 @functools.lru_cache(maxsize=1)
@@ -299,7 +301,7 @@ def report_only(cfg: ExperimentConfig, all_runs: bool = False) -> str:
 
         path = write_experiment_report(cfg, tracker)
     else:
-        path = _report(cfg, run_paths(cfg), tracker, None)
+        path = _report(cfg, run_paths(cfg, rerun_check=False), tracker, None)
     console.print(f"report: {path}")
     return path
 
