@@ -458,7 +458,7 @@ _NOT_SECRET_KEYS = {"refusal_token"}  # holds the refusal word, not a credential
 _URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+)(?P<pw>:[^@\s]*)?@")
 _QUERY_SECRET = re.compile(
     r"(?P<k>[?&;](?:[\w.-]*(?:token|key|password|passwd|secret|sig|signature|credential|auth)[\w.-]*)=)[^&\s\"'#]+", re.I)
-_BEARER = re.compile(r"(?P<k>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}", re.I)
+_BEARER = re.compile(r"(?P<k>\b(?:authorization\s*[:=]\s*[a-z]+\s+|bearer\s+))[A-Za-z0-9._~+/=-]{8,}", re.I)
 _ENV_SECRET = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|CREDENTIAL)", re.I)
 
 
