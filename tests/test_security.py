@@ -307,7 +307,7 @@ def test_secret_sweep_run_and_tune_write_no_secret(s3_bucket, mlflow_server, tmp
     env.pop("RAY_ADDRESS", None)
     # On a loaded 2-core box the raylet's wait for the dashboard agent can exceed Ray's default.
     env.setdefault("RAY_agent_register_timeout_ms", "300000")
-    env.setdefault("RAY_raylet_start_wait_time_s", "300")
+    env.setdefault("RAY_raylet_start_wait_time_s", "600")
     printed = {}
     for verb, name in (("run", "sweep-run"), ("tune", "sweep-tune")):
         proc = subprocess.run([sys.executable, "-m", "derta.cli", verb, "--config", str(path),
