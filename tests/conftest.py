@@ -97,7 +97,7 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
         "--artifacts-destination", str(root / "artifacts"),
     ]  # fmt: skip
-    proc = _start(cmd, f"{uri}/health", root / "server.log", 90)
+    proc = _start(cmd, f"{uri}/health", root / "server.log", 300)  # minutes on a loaded 2-core box
     try:
         yield uri
     finally:

@@ -230,3 +230,28 @@ def test_hf_dataset_by_name_and_saved_dir(monkeypatch, tmp_path):
     assert len(rows) == 2
     with pytest.raises(ConfigError, match="'test' not in"):
         S.read_records_local(S.resolve(SourceConfig(uri=f"hf:{saved}", fields=fields, split="test"), "helpful"))
+
+
+def test_a_non_utf8_byte_is_one_bad_row_at_its_true_line_and_the_rest_is_read(tmp_path):
+    # 240 rows, ~60 KB (the old reader decoded in 8 KB chunks: wrong line, then nothing more).
+    lines = ["query,safe,harmful"] + [f'"question {i} ' + "x" * 200 + f'","safe {i}","harmful {i}"' for i in range(240)]
+    data = "\n".join(lines).encode() + b"\n"
+    at = data.index(b"question 150 ")  # row 151, on line 152
+    data = data[:at] + b"\xff" + data[at + 1 :]
+    c = tmp_path / "c.csv"
+    c.write_bytes(data)
+    rows = _read(c)
+    assert len(rows) == 240
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 1 and bad[0]["loc"] == "152" and "not valid UTF-8" in bad[0]["error"]
+    assert rows[-1]["error"] is None and rows[-1]["safe"] == "safe 239"
+    j = tmp_path / "j.jsonl"
+    j.write_bytes(b"\n".join(json.dumps({**TRIPLE, "query": f"q{i}"}).encode() for i in range(5)).replace(b"q2", b"q\xff"))
+    rows = _read(j)
+    assert len(rows) == 5 and [r["loc"] for r in rows if r["error"]] == ["3"] and rows[4]["error"] is None
+
+
+def test_skip_summary_line():
+    assert S.skip_summary({}, {}) is None
+    line = S.skip_summary({"bad_line": 1, "empty_field": 2}, {"prefix": 4})
+    assert line == "data: rows skipped: 3 (empty_field 2, bad_line 1); samples trimmed: 4 (prefix 4) - see the manifest for details"

@@ -93,3 +93,16 @@ def test_bad_input_names_file_and_line(tmp_path):
     good = _write(tmp_path / "good.jsonl", [json.dumps({"question": Q, "response": REFUSAL})])
     with pytest.raises(ConfigError, match="needs --config"):
         judge_file(good, judge="http")
+
+
+def test_user_mistakes_are_config_errors_naming_file_line_and_field(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        judge_file(str(tmp_path))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"question": Q, "response": "ok"}).encode() + b"\n" + b'{"question": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"latin\.jsonl:2: not UTF-8 \(byte 0xe9\)"):
+        judge_file(str(latin))
+    num = tmp_path / "numresp.jsonl"
+    num.write_text(json.dumps({"question": Q, "response": 42}) + "\n")
+    with pytest.raises(ConfigError, match=r"numresp\.jsonl:1: field 'response' must be a string, got int"):
+        judge_file(str(num))

@@ -178,18 +178,17 @@ def test_pyarrow_fs_parquet_round_trip(s3_bucket, tmp_path):
     assert local_fs is None and local_path == str(tmp_path / "p.parquet")
 
 
-def test_pyarrow_fs_embeds_only_static_keys(s3_bucket, monkeypatch):
-    """A filesystem built for Ray tasks carries the driver's static keys (also once pickled);
-    expiring (role / SSO) keys are left to each node's own chain."""
+def test_pyarrow_fs_never_carries_keys(s3_bucket, monkeypatch):
+    """Filesystems get pickled into Tune/Train state under the run directory: no key may ride
+    along (issue 18). Each process resolves credentials from its own chain."""
+    secret = "NeverPickled/S3cret+Key"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     plain, _ = storage.pyarrow_fs(s3_bucket + "/d/p.parquet")
     fs, path = storage.pyarrow_fs(s3_bucket + "/d/p.parquet", embed_credentials=True)
-    assert path == s3_bucket[len("s3://") :] + "/d/p.parquet"
-    assert not fs.equals(plain) and pickle.loads(pickle.dumps(fs)).equals(fs)
-    pq.write_table(pa.table({"x": [1, 2]}), path, filesystem=fs)
+    assert path == s3_bucket[len("s3://") :] + "/d/p.parquet" and fs.equals(plain)
+    assert secret.encode() not in pickle.dumps(fs)
+    pq.write_table(pa.table({"x": [1, 2]}), path, filesystem=pickle.loads(pickle.dumps(fs)))
     assert pq.read_table(path, filesystem=plain).to_pylist() == [{"x": 1}, {"x": 2}]
-
-    monkeypatch.setattr(storage, "STATIC_CREDENTIAL_SOURCES", set())
-    assert storage.pyarrow_fs(s3_bucket + "/d/p.parquet", embed_credentials=True)[0] is plain
     assert storage.pyarrow_fs("/tmp/p.parquet", embed_credentials=True) == (None, "/tmp/p.parquet")
 
 

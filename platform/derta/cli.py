@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Callable
 
-from derta.config import PRESET_CONFIGS, ConfigError, ExperimentConfig, load_config
+from derta.config import PRESET_CONFIGS, ConfigError, ExperimentConfig, load_config, redact_text
 from derta.preflight import check
 
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"derta: note: {note}", file=sys.stderr)
         COMMANDS[args.verb](cfg, args)
     except ConfigError as e:
-        print(f"derta: error: {e}", file=sys.stderr)
+        print(redact_text(f"derta: error: {e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("derta: interrupted", file=sys.stderr)
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
-        traceback.print_exc()
-        print(f"derta: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
+        print(redact_text(f"derta: failed: {type(e).__name__}: {e}"), file=sys.stderr)
         return 1
     return 0
 

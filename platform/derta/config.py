@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,7 +23,26 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a typed float refuses .inf/.nan at load (a beta_a of .inf once hung
+    # the data build); the validator below covers floats inside untyped lists and dicts.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        if not _all_finite(v):
+            raise ValueError("must be a finite number (no .inf / .nan)")
+        return v
+
+
+def _all_finite(v: Any) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, (list, tuple)):
+        return all(_all_finite(x) for x in v)
+    if isinstance(v, dict):
+        return all(_all_finite(x) for x in v.values())
+    return True
 
 
 # --------------------------------------------------------------------------- model
@@ -240,7 +261,7 @@ class EvalConfig(Strict):
     questions: SourceConfig | None = None
     # Pre-built attack prompt files in the paper's format ({"question": ...} per line), by attack.
     prompt_files: dict[str, str] = {}
-    prefill_k: list[int] = [0, 5, 10, 20, 40]
+    prefill_k: list[Annotated[int, Field(ge=0)]] = [0, 5, 10, 20, 40]  # prefix words given to the model
     pair: PairConfig = PairConfig()
     judge: Literal["refusal", "llm", "http"] = "refusal"
     judge_model: str | None = None
@@ -268,9 +289,37 @@ class TrackingConfig(Strict):
     enabled: bool = True
 
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one safe path segment: every run path is <root>/<name>/..., so a name like
+    '../x' or '/etc' would put writes (and `train.resume: never`'s delete) outside the root."""
+    if not isinstance(name, str) or not RUN_NAME.match(name) or ".." in name:
+        raise ValueError(f"run name {name!r} must be one path segment: letters, digits, '.', '_', '-' "
+                         "(starting with a letter or digit, at most 128 characters, no '..')")
+    return name
+
+
 class StorageConfig(Strict):
     root: str = "./runs"  # local path or s3://bucket/prefix
     run_name: str | None = None  # default: <method>-<UTC timestamp>
+    # An existing run of that name: `resume` it when its config is the same (another config is
+    # refused, naming the keys), or start a `new` run `<run_name>-N` beside it.
+    if_exists: Literal["resume", "new"] = "resume"
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_run_name(v)
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if "://" in v and _URI_USERINFO.match(v):
+            raise ValueError("credentials in an s3:// URI are not supported (they would be written into "
+                             "every artefact); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile")
+        return v
 
 
 class RayConfig(Strict):
@@ -356,7 +405,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
     origins = {}
     for item in overrides:
-        origins[apply_override(raw, item)] = f"--set {item}"
+        origins[apply_override(raw, item)] = f"--set {_shown(item)}"
     return validate_config(raw, source, origins)
 
 
@@ -372,17 +421,25 @@ def validate_config(raw: dict[str, Any], source: str = "<config>", origins: dict
             if err["type"] == "extra_forbidden":
                 lines.append(f"{where}: unknown key '{key}'")
             else:
-                lines.append(f"{where}: key '{key}': {err['msg']} (got {err.get('input')!r})")
+                got = "***" if is_secret_key(key) else redact_text(repr(err.get("input")))
+                lines.append(f"{where}: key '{key}': {err['msg']} (got {got})")
         raise ConfigError("\n".join(lines)) from None
 
 
+def _shown(item: str) -> str:
+    """An override as it may appear in a message: the value of a secret-looking key hidden."""
+    key, eq, text = item.partition("=")
+    return f"{key}=***" if eq and is_secret_key(key.strip()) else redact_text(item)
+
+
 def apply_override(raw: dict[str, Any], item: str) -> str:
+    shown = _shown(item)
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected section.key=value")
+        raise ConfigError(f"--set {shown!r}: expected section.key=value")
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set {item!r}: empty key segment")
+        raise ConfigError(f"--set {shown!r}: empty key segment")
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
@@ -393,7 +450,7 @@ def apply_override(raw: dict[str, Any], item: str) -> str:
         if nxt is None:
             nxt = node[part] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            raise ConfigError(f"--set {shown!r}: '{part}' is not a section")
         node = nxt
     node[parts[-1]] = value
     return ".".join(parts)
@@ -411,26 +468,56 @@ def set_dotted(cfg: ExperimentConfig, key: str, value: Any) -> ExperimentConfig:
 
 
 # --------------------------------------------------------------------------- secrets
-_SECRET_KEY = re.compile(r"(pass(word|wd)?|secret|api_?key|access_?key|auth|credential|hf_token|bearer|session_token)$", re.I)
-_URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
-_QUERY_SECRET = re.compile(r"(?P<k>[?&](?:token|key|password|secret|sig|signature|access_token|api_key)=)[^&\s]+", re.I)
+# Key names whose values are secrets (matched on the last dotted segment, case-insensitive).
+_SECRET_KEY = re.compile(
+    r"(pass(word|wd)?|secret|api_?key|access_?key|private_?key|auth|authorization|credentials?|bearer|"
+    r"(^|_)token|signature)$", re.I)
+_NOT_SECRET_KEYS = {"refusal_token"}  # holds the refusal word, not a credential
+# scheme://user:password@ (the password may hold '/', as many AWS secret keys do) and
+# scheme://TOKEN@ (token-only userinfo); the user part never holds '/', so s3://b/k@v is kept.
+_URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+)(?P<pw>:[^@\s]*)?@")
+_QUERY_SECRET = re.compile(
+    r"(?P<k>[?&;](?:[\w.-]*(?:token|key|password|passwd|secret|sig|signature|credential|auth)[\w.-]*)=)[^&\s\"'#]+", re.I)
+_BEARER = re.compile(r"(?P<k>\b(?:authorization\s*[:=]\s*[a-z]+\s+|bearer\s+))[A-Za-z0-9._~+/=-]{8,}", re.I)
+_ENV_SECRET = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|API_KEY|CREDENTIAL)", re.I)
+
+
+def is_secret_key(key: str) -> bool:
+    last = str(key).rsplit(".", 1)[-1]
+    return last.lower() not in _NOT_SECRET_KEYS and bool(_SECRET_KEY.search(last))
+
+
+def _env_secrets() -> list[str]:
+    """Values of secret-looking environment variables (AWS_SECRET_ACCESS_KEY, HF_TOKEN, ...):
+    replaced wherever they appear in text, e.g. inside a library's error message."""
+    vals = {v for k, v in os.environ.items() if _ENV_SECRET.search(k) and len(v) >= 6}
+    return sorted(vals, key=len, reverse=True)
 
 
 def redact_text(text: str) -> str:
-    text = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    return _QUERY_SECRET.sub(lambda m: f"{m['k']}***", text)
+    """Secrets in free text (URIs, messages) replaced by '***'."""
+    def userinfo(m: re.Match) -> str:
+        return f"{m['scheme']}{m['user']}:***@" if m["pw"] is not None else f"{m['scheme']}***@"
+
+    text = _URI_USERINFO.sub(userinfo, text)
+    text = _QUERY_SECRET.sub(lambda m: f"{m['k']}***", text)
+    text = _BEARER.sub(lambda m: f"{m['k']}***", text)
+    for value in _env_secrets():
+        text = text.replace(value, "***")
+    return text
 
 
 def redact(obj: Any, key: str = "") -> Any:
-    """Replace secret-looking values: by key name (password, api_key, ...), passwords inside
-    URIs (user:pass@host) and secret query parameters. Key names like `refusal_token` or
-    `judge_api_key_env` (which hold no secret) are kept."""
+    """Replace secret-looking values: by key name (password, api_key, *_token, Authorization,
+    ...), userinfo inside URIs (user:pass@host, TOKEN@host), secret query parameters (presigned
+    X-Amz-Signature/-Credential/-Security-Token) and the values of secret environment variables.
+    Key names like `refusal_token` or `judge_api_key_env` (which hold no secret) are kept."""
     if isinstance(obj, dict):
         return {k: redact(v, str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v, key) for v in obj]
     if isinstance(obj, str):
-        if key and _SECRET_KEY.search(key) and obj:
+        if key and is_secret_key(key) and obj:
             return "***"
         return redact_text(obj)
     return obj

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from derta.config import check_run_name
 from derta.storage import join
 
 
@@ -11,6 +12,9 @@ from derta.storage import join
 class RunPaths:
     root: str  # storage.root: a local path or s3://bucket/prefix
     name: str  # the run name
+
+    def __post_init__(self) -> None:
+        check_run_name(self.name)  # one safe segment: <root>/<name>/... never leaves root
 
     @property
     def dir(self) -> str:

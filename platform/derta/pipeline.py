@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from rich.console import Console
+from derta.rerun import resolve_rerun
+from derta.security import RedactingConsole, check_services
 from rich.table import Table
 
 from derta import storage
@@ -24,7 +25,7 @@ from derta.config import ExperimentConfig, dump_yaml
 from derta.paths import RunPaths
 from derta.tracking import Tracker, TrackingHandle
 
-console = Console(stderr=False, highlight=False)
+console = RedactingConsole(stderr=False, highlight=False)  # no secret on screen (derta.security)
 
 
 @dataclass
@@ -38,15 +39,18 @@ class RunSummary:
 
 
 # --------------------------------------------------------------------------- run setup
-def run_paths(cfg: ExperimentConfig) -> RunPaths:
-    """The run's paths; a run without a name gets `<method>-<UTC timestamp>` (set once)."""
+def run_paths(cfg: ExperimentConfig, rerun_check: bool = True) -> RunPaths:
+    """The run's paths; a run without a name gets `<method>-<UTC timestamp>` (set once).
+    rerun_check=False for verbs that only read a run (report)."""
     if not storage.is_s3(cfg.storage.root) and not os.path.isabs(cfg.storage.root):
         # Ray workers and actors run in other directories: hand them absolute paths.
         cfg.storage.root = os.path.abspath(cfg.storage.root)
     if cfg.storage.run_name is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         cfg.storage.run_name = f"{cfg.train.method}-{stamp}"
-    return RunPaths(cfg.storage.root, cfg.storage.run_name)
+    check_services(cfg)  # S3 endpoint / tracking store answer in seconds, else exit 2
+    paths = RunPaths(cfg.storage.root, cfg.storage.run_name)
+    return resolve_rerun(cfg, paths) if rerun_check else paths  # same name, other config: exit 2
 
 
 @functools.lru_cache(maxsize=1)
@@ -304,7 +308,7 @@ def report_only(cfg: ExperimentConfig, all_runs: bool = False) -> str:
 
         path = write_experiment_report(cfg, tracker)
     else:
-        path = _report(cfg, run_paths(cfg), tracker, None)
+        path = _report(cfg, run_paths(cfg, rerun_check=False), tracker, None)
     console.print(f"report: {path}")
     return path
 

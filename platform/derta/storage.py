@@ -25,6 +25,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from derta.config import redact_text
+
 S3_SCHEME = "s3://"
 DEFAULT_REGION = "us-east-1"
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
@@ -101,10 +103,43 @@ def _s3_errors(uri: str) -> Iterator[None]:
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))
         if code in _NOT_FOUND:
-            raise FileNotFoundError(f"{uri}: not found ({code})") from None
-        raise StorageError(f"{uri}: {e}") from e
+            raise FileNotFoundError(redact_text(f"{uri}: not found ({code})")) from None
+        raise StorageError(redact_text(f"{uri}: {e}")) from None
     except BotoCoreError as e:
-        raise StorageError(f"{uri}: {e}") from e
+        raise StorageError(redact_text(f"{uri}: {e}")) from None
+
+
+def check_reachable(uri: PathLike, timeout: float = 5.0) -> None:
+    """For an s3:// uri: one HEAD of its bucket with a short timeout and no retries, so an
+    endpoint that never answers fails in seconds (the default client retries for minutes).
+    Raises ConfigError naming the endpoint / bucket; local paths are not checked here."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
+
+    from derta.config import ConfigError
+
+    uri = str(uri)
+    if not is_s3(uri):
+        return
+    bucket, _ = parse_s3(uri)
+    where = endpoint_url() or "AWS S3"
+    cfg = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1},
+                 s3={"addressing_style": "path"} if endpoint_url() else {})
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint_url(), region_name=_region() or DEFAULT_REGION,
+                                            config=cfg)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except (ConnectTimeoutError, ReadTimeoutError, EndpointConnectionError) as e:
+        raise ConfigError(redact_text(f"{uri}: the S3 endpoint {where} did not answer within {timeout:g}s "
+                                      f"({type(e).__name__}); check AWS_ENDPOINT_URL and the network")) from None
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in _NOT_FOUND:
+            raise ConfigError(f"{uri}: bucket {bucket!r} does not exist at {redact_text(where)}; create it first") from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise ConfigError(f"{uri}: access to bucket {bucket!r} denied ({code}); check the AWS credentials") from None
+        raise StorageError(redact_text(f"{uri}: {e}")) from None
+    except BotoCoreError as e:
+        raise ConfigError(redact_text(f"{uri}: cannot reach the S3 endpoint {where}: {e}")) from None
 
 
 # --------------------------------------------------------------------------- read / write
@@ -331,11 +366,24 @@ def download_dir(uri: PathLike, local_dir: PathLike) -> None:
         raise FileNotFoundError(f"{uri}: no objects under this prefix")
     client = s3_client()
     for k in keys:
-        dst = os.path.join(local_dir, *k[len(prefix) :].split("/"))
+        dst = _under(local_dir, k[len(prefix) :], uri)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         # s3transfer writes to a temp name and renames, so each file lands atomically.
         with _s3_errors(_s3_uri(bucket, k)):
             client.download_file(bucket, k, dst)
+
+
+def _under(root: str, rel: str, uri: str) -> str:
+    """root/rel for an object key rel, refused (StorageError) when '..' or an absolute key
+    would put the file outside root: S3 keys are any string, and a bucket is not trusted."""
+    parts = rel.split("/")
+    if any(p in ("..", ".") for p in parts) or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        raise StorageError(redact_text(f"{uri}: object key {rel!r} would be written outside {root}; refused"))
+    out = os.path.join(root, *[p for p in parts if p])
+    base = os.path.realpath(root)
+    if os.path.realpath(out) != base and not os.path.realpath(out).startswith(base + os.sep):
+        raise StorageError(redact_text(f"{uri}: object key {rel!r} would be written outside {root}; refused"))
+    return out
 
 
 def default_cache_dir() -> str:
@@ -355,7 +403,7 @@ def local_copy(uri: PathLike, cache_dir: PathLike | None = None) -> str:
         return uri
     bucket, key = parse_s3(uri)
     key = key.strip("/")
-    target = os.path.join(str(cache_dir or default_cache_dir()), bucket, *key.split("/"))
+    target = _under(str(cache_dir or default_cache_dir()), f"{bucket}/{key}", uri)
     if os.path.exists(target):
         return target
     parent = os.path.dirname(target)
@@ -380,21 +428,16 @@ def local_copy(uri: PathLike, cache_dir: PathLike | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- pyarrow
-# Credential providers whose keys do not expire. Role / SSO / instance credentials do, and
-# pyarrow's own chain refreshes them on each node, so those are never embedded.
-STATIC_CREDENTIAL_SOURCES = {"env", "explicit", "shared-credentials-file", "config-file"}
-
-
 def pyarrow_fs(uri: PathLike, *, embed_credentials: bool = False) -> tuple[Any, str]:
     """(filesystem, path) for pyarrow / Ray Data (`read_parquet(path, filesystem=fs)`).
 
     Local paths give (None, path). For s3 the filesystem carries the endpoint override, so Ray
-    Data reaches the same store as boto3; credentials come from the AWS default chain on
-    whichever node uses it. With `embed_credentials` (a filesystem built in the driver that
-    travels pickled to Ray tasks, workers or checkpoint storage) it also carries the driver's
-    static keys, so processes whose environment lacks them (a cluster started earlier) still
-    reach the same store.
+    Data reaches the same store as boto3, and never any keys: these filesystems are pickled
+    (Tune's tuner.pkl and Train's trainer.pkl land in the run directory), so credentials come
+    from the AWS default chain of whichever process uses it (env, profile, instance role).
+    `embed_credentials` is accepted for older callers and ignored.
     """
+    del embed_credentials
     uri = str(uri)
     if not is_s3(uri):
         return None, uri
@@ -402,21 +445,7 @@ def pyarrow_fs(uri: PathLike, *, embed_credentials: bool = False) -> tuple[Any, 
     endpoint, region = endpoint_url(), _region()
     if not endpoint and not region:
         region = _bucket_region(bucket)  # AWS S3 proper: buckets live in one region each
-    creds = _static_credentials() if embed_credentials else None
-    fs = _new_arrow_s3(endpoint, region, **creds) if creds else _arrow_s3(endpoint, region)
-    return fs, f"{bucket}/{key}".rstrip("/")
-
-
-def _static_credentials() -> dict[str, str] | None:
-    """The driver's resolved AWS keys as S3FileSystem arguments; None unless they are static."""
-    creds = boto3.session.Session().get_credentials()
-    if creds is None or getattr(creds, "method", None) not in STATIC_CREDENTIAL_SOURCES:
-        return None
-    frozen = creds.get_frozen_credentials()
-    out = {"access_key": frozen.access_key, "secret_key": frozen.secret_key}
-    if frozen.token:
-        out["session_token"] = frozen.token
-    return out
+    return _arrow_s3(endpoint, region), f"{bucket}/{key}".rstrip("/")
 
 
 @functools.lru_cache(maxsize=64)
@@ -434,11 +463,11 @@ def _arrow_s3(endpoint: str | None, region: str | None) -> Any:
     return _new_arrow_s3(endpoint, region)
 
 
-def _new_arrow_s3(endpoint: str | None, region: str | None, **credentials: str) -> Any:
-    """A pyarrow S3FileSystem; not cached when it carries keys (they may change)."""
+def _new_arrow_s3(endpoint: str | None, region: str | None) -> Any:
+    """A pyarrow S3FileSystem with no keys of its own (see pyarrow_fs)."""
     from pyarrow import fs as pafs
 
-    kwargs: dict[str, Any] = {"region": region or DEFAULT_REGION, **credentials}
+    kwargs: dict[str, Any] = {"region": region or DEFAULT_REGION}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         if not host:  # "host:port" without a scheme

@@ -67,6 +67,43 @@ def _sqlite_path(tracking_uri: str) -> str | None:
     return None
 
 
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking server must answer (any HTTP status) within timeout, and a sqlite
+    store's directory must be writable: otherwise MLflow retries for minutes before failing.
+    Raises ConfigError naming the (redacted) URI."""
+    import urllib.error
+    import urllib.request
+
+    from derta.config import ConfigError, redact_text
+
+    shown = redact_text(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(tracking_uri)
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
+        health = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+        try:
+            urllib.request.urlopen(health, timeout=timeout).close()
+        except urllib.error.HTTPError:
+            return  # it answered
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigError(f"tracking.uri: the MLflow server {shown} did not answer within {timeout:g}s ({reason}); "
+                              "start it, fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false") from None
+        return
+    path = _sqlite_path(tracking_uri)
+    if path:
+        parent = os.path.dirname(os.path.abspath(path)) or "."
+        probe = parent
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK) or probe.startswith(("/proc", "/sys")) or (
+                os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise ConfigError(f"tracking.uri: the MLflow store {shown} cannot be written ({probe} is not a writable "
+                              "directory); choose another storage.root or tracking.uri")
+
+
 # --------------------------------------------------------------------------- value shaping
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}: MLflow params and metrics are flat."""

@@ -189,6 +189,8 @@ def build(cfg: ExperimentConfig, paths) -> DataManifest:
         storage.delete(paths.heldout)  # an earlier build's held-out rows would be stale
     storage.write_json(paths.manifest, manifest.to_dict())  # the commit
     _remove_stale_shards(_abs(paths.data), keep=shard_dir)
+    if line := S.skip_summary(manifest.skipped, manifest.trimmed):
+        print(line, flush=True)  # on the console, not only in the manifest and MLflow
     return manifest
 
 

@@ -187,16 +187,7 @@ def iter_raw(data: Any, path: str, fmt: str, open_random=None) -> Iterator[tuple
                 i += 1
         return
     if fmt == "csv":
-        text = io.TextIOWrapper(data, encoding="utf-8", newline="")
-        reader = csv.DictReader(text)
-        i, start = 0, 2
-        try:
-            for raw in reader:
-                yield i, str(start), {k: v for k, v in raw.items() if k is not None}, None
-                i += 1
-                start = reader.line_num + 1
-        except (csv.Error, UnicodeDecodeError) as e:
-            yield i, str(start), None, f"unreadable CSV: {e}"
+        yield from _csv_rows(data)
         return
     head = data.read(1 << 16)
     if fmt in ("json", "jsonl_or_json") and head.lstrip()[:1] == b"[":
@@ -220,6 +211,41 @@ def iter_raw(data: Any, path: str, fmt: str, open_random=None) -> Iterator[tuple
         else:
             yield i, str(lineno), raw, None
         i += 1
+
+
+def _csv_rows(data: Any) -> Iterator[tuple[int, str, Any, str | None]]:
+    """CSV rows at their true line numbers. Bytes that are not UTF-8 are decoded as lone
+    surrogates (never an exception that would end the file): such a row is a bad row at its
+    line, and the rows after it are still read. A malformed row (csv.Error) likewise."""
+    text = io.TextIOWrapper(data, encoding="utf-8", errors="surrogateescape", newline="")
+    reader = csv.DictReader(text)
+    i, start = 0, 2
+    while True:
+        try:
+            raw = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if reader.line_num + 1 <= start:  # no progress: nothing more can be read
+                yield i, str(start), None, f"unreadable CSV: {e}"
+                return
+            yield i, str(start), None, f"unreadable CSV: {e}"
+            i, start = i + 1, reader.line_num + 1
+            continue
+        row = {k: v for k, v in raw.items() if k is not None}
+        bad = next((k for k, v in row.items() if isinstance(v, str) and _SURROGATE.search(v)), None)
+        if bad is not None or any(isinstance(k, str) and _SURROGATE.search(k) for k in row):
+            yield i, str(start), None, f"not valid UTF-8 (field {_printable(bad)!r})"
+        else:
+            yield i, str(start), row, None
+        i, start = i + 1, reader.line_num + 1
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _printable(text: Any) -> str:
+    return _SURROGATE.sub("\ufffd", str(text))
 
 
 def _lines(head: bytes, data: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -450,3 +476,14 @@ def _normalize_table(batch: pa.Table, spec: SourceSpec) -> pa.Table:
         i = raw.pop("__row")
         builder.add(i, f"row {i + 1}", raw, None)
     return builder.flush()
+
+
+def skip_summary(skipped: dict[str, int], trimmed: dict[str, int]) -> str | None:
+    """One console line for the rows a build left out or trimmed (None when there were none)."""
+    def part(what: str, counts: dict[str, int]) -> str:
+        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        more = ", ..." if len(top) > 5 else ""
+        return f"{what}: {sum(counts.values())} (" + ", ".join(f"{k} {v}" for k, v in top[:5]) + more + ")"
+
+    parts = [part(w, c) for w, c in (("rows skipped", skipped), ("samples trimmed", trimmed)) if c]
+    return "data: " + "; ".join(parts) + " - see the manifest for details" if parts else None

@@ -59,7 +59,14 @@ def read_items(uri: str) -> list[tuple[int, dict[str, Any], str, str]]:
     """(line, original fields, question/prompt, response) for every item of the file."""
     if not storage.exists(uri):
         raise ConfigError(f"{uri}: file not found")
-    text = storage.read_text(uri)
+    if not storage.exists_file(uri):
+        raise ConfigError(f"{uri}: is a directory; give one JSONL or JSON file (--input)")
+    data = storage.read_bytes(uri)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{uri}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
     stripped = text.lstrip()
     entries: list[tuple[int, Any]] = []
     if stripped.startswith("[") and not stripped.startswith("[INST"):
@@ -83,10 +90,13 @@ def read_items(uri: str) -> list[tuple[int, dict[str, Any], str, str]]:
         elif isinstance(obj, dict):
             q = next((obj[k] for k in Q_KEYS if isinstance(obj.get(k), str)), None)
             r = next((obj[k] for k in R_KEYS if isinstance(obj.get(k), str)), None)
-            if r is None:
-                raise ConfigError(f"{uri}:{n}: no response field (one of {', '.join(R_KEYS)})")
-            if q is None:
-                raise ConfigError(f"{uri}:{n}: no question field (one of {', '.join(Q_KEYS)})")
+            for keys, found, what in ((R_KEYS, r, "response"), (Q_KEYS, q, "question")):
+                if found is not None:
+                    continue
+                wrong = next((k for k in keys if k in obj and obj[k] is not None), None)
+                if wrong is not None:
+                    raise ConfigError(f"{uri}:{n}: field '{wrong}' must be a string, got {type(obj[wrong]).__name__}")
+                raise ConfigError(f"{uri}:{n}: no {what} field (one of {', '.join(keys)})")
             out.append((n, obj, q, r))
         else:
             raise ConfigError(f"{uri}:{n}: expected a JSON object or string, got {type(obj).__name__}")

@@ -18,7 +18,9 @@ prefix is cleared (s3).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,8 +33,15 @@ from torch import nn
 
 from derta import storage
 
+log = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
 ADAPTER_DIR = "adapter"
+# Resume trust: rank 0 records each checkpoint it writes (a digest of the DCP metadata, which
+# torch unpickles on load, and of train_state.json) with the run's config fingerprint in a
+# ledger; resume loads only a checkpoint whose digest and fingerprint are recorded there.
+LEDGER_ENV = "DERTA_CKPT_LEDGER"
+FINGERPRINT_ENV = "DERTA_CKPT_FINGERPRINT"
+DIGESTED = (".metadata", STATE_FILE)
 
 
 @dataclass
@@ -81,7 +90,50 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: T
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=directory)
     if _rank() == 0:
         storage.write_text(os.path.join(directory, STATE_FILE), state.to_json())
+        if os.environ.get(LEDGER_ENV):
+            record_checkpoint(directory, os.environ[LEDGER_ENV], os.environ.get(FINGERPRINT_ENV, ""))
     return directory
+
+
+def checkpoint_digest(directory: str) -> str:
+    """sha256 over the files resume trusts first (local dir or s3 prefix)."""
+    h = hashlib.sha256()
+    for name in DIGESTED:
+        h.update(name.encode() + b"\0" + storage.read_bytes(storage.join(directory, name)) + b"\0")
+    return h.hexdigest()
+
+
+def record_checkpoint(directory: str, ledger: str, fingerprint: str) -> None:
+    """Add this checkpoint to the run's ledger (rank 0 only; read-modify-write of one JSON file)."""
+    try:
+        entries = storage.read_json(ledger)
+    except FileNotFoundError:
+        entries = []
+    entries.append({"digest": checkpoint_digest(directory), "fingerprint": fingerprint})
+    storage.write_json(ledger, entries[-64:])
+
+
+def trusted_here(directory: str) -> bool:
+    """In a worker: is this checkpoint recorded in the ledger the driver named (True when none)?"""
+    ledger = os.environ.get(LEDGER_ENV)
+    if not ledger:
+        return True
+    try:
+        entries = storage.read_json(ledger)
+    except FileNotFoundError:
+        entries = []
+    ok = _trusted(directory, entries, os.environ.get(FINGERPRINT_ENV, ""))
+    if not ok:
+        log.warning("checkpoint %s is not recorded by this run with this config: not resumed from", directory)
+    return ok
+
+
+def _trusted(directory: str, ledger: list[dict], fingerprint: str) -> bool:
+    try:
+        digest = checkpoint_digest(directory)
+    except (FileNotFoundError, OSError):
+        return False
+    return any(e.get("digest") == digest and e.get("fingerprint") == fingerprint for e in ledger)
 
 
 def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, directory: str, *, lora: bool) -> TrainState:
@@ -108,17 +160,28 @@ def read_state(directory: str) -> TrainState:
     return TrainState.from_json(storage.read_text(storage.join(directory, STATE_FILE)))
 
 
-def find_latest(root: str) -> str | None:
+def find_latest(root: str, ledger: str | None = None, fingerprint: str = "") -> str | None:
     """The newest complete checkpoint directory under root (local or s3), by (stage, step);
-    None when there is none. Complete = has train_state.json and DCP .metadata."""
+    None when there is none. Complete = has train_state.json and DCP .metadata. With a ledger,
+    only checkpoints it records for this config fingerprint count (others are skipped with a
+    warning: anyone who can write the prefix could otherwise run code through the pickle)."""
     try:
         files = storage.list_files(root)
     except FileNotFoundError:
         return None
+    recorded: list[dict] | None = None
+    if ledger is not None:
+        try:
+            recorded = storage.read_json(ledger)
+        except FileNotFoundError:
+            recorded = []
     dirs = {f.rsplit("/", 1)[0] if storage.is_s3(f) else os.path.dirname(f) for f in files if f.endswith(STATE_FILE)}
     have_meta = {f.rsplit("/", 1)[0] if storage.is_s3(f) else os.path.dirname(f) for f in files if f.endswith(".metadata")}
     best, best_key = None, None
     for d in sorted(dirs & have_meta):
+        if recorded is not None and not _trusted(d, recorded, fingerprint):
+            log.warning("checkpoint %s is not recorded by this run with this config: not resumed from", d)
+            continue
         try:
             s = read_state(d)
         except Exception:
@@ -197,12 +260,21 @@ def _readable(directory: str) -> None:
             os.chmod(os.path.join(d, f), 0o644)
 
 
+def _rel_files(directory: str) -> list[str]:
+    return [os.path.relpath(os.path.join(d, f), directory) for d, _, files in os.walk(directory) for f in files]
+
+
 def publish_dir(local_dir: str, uri: str) -> None:
     """Move a finished local directory to uri atomically (local rename) or upload it (s3)."""
     _readable(local_dir)
     if storage.is_s3(uri):
-        storage.delete(uri)
+        # Upload first, then remove what the new directory no longer has: a failed upload
+        # leaves the previous model in place (S3 has no directory rename).
+        before = set(storage.list_files(uri))
         storage.upload_dir(local_dir, uri)
+        after = {storage.join(uri, rel.replace(os.sep, "/")) for rel in _rel_files(local_dir)}
+        for stale in sorted(before - after):
+            storage.delete(stale)
         shutil.rmtree(local_dir, ignore_errors=True)
         return
     uri = os.path.abspath(uri)

@@ -291,9 +291,13 @@ def resume_point(resume: str, resume_from: str | None) -> tuple[str | None, str 
         return None, None
     ray_ckpt = ray.train.get_checkpoint()
     if ray_ckpt is not None:
+        from derta.train.checkpoint import trusted_here
+
         tmp = tempfile.mkdtemp(prefix="derta-resume-")
         ray_ckpt.to_directory(tmp)
-        return tmp, tmp
+        if trusted_here(tmp):  # recorded (with a digest) by this run under this config
+            return tmp, tmp
+        shutil.rmtree(tmp, ignore_errors=True)
     if resume_from and storage.is_s3(resume_from):
         tmp = tempfile.mkdtemp(prefix="derta-resume-")
         storage.download_dir(resume_from, tmp)

@@ -153,7 +153,9 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     ckpt_root = paths.checkpoints
     if tc.resume == "never":
         storage.delete(storage.join(ckpt_root, RAY_RUN_NAME))
-    fs, storage_path = storage.pyarrow_fs(ckpt_root, embed_credentials=True)
+    # No keys in this filesystem: Train pickles it into trainer.pkl under the run directory.
+    # Workers get the driver's settings from the sealed `env` below (their own chain otherwise).
+    fs, storage_path = storage.pyarrow_fs(ckpt_root)
     if fs is None:
         storage_path = os.path.abspath(storage_path)
         os.makedirs(storage_path, exist_ok=True)
@@ -172,6 +174,11 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     # server as the driver. Sent inside the (pickled) loop config and applied by the worker,
     # not as a runtime_env, so credentials never show up in Ray's dashboard.
     env = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+    from derta.rerun import config_fingerprint
+    from derta.train.checkpoint import FINGERPRINT_ENV, LEDGER_ENV
+
+    ledger, fingerprint = storage.join(ckpt_root, "ledger.json"), config_fingerprint(cfg)
+    env.update({LEDGER_ENV: ledger, FINGERPRINT_ENV: fingerprint})  # rank 0 records what it saves
     loop_config = {
         "experiment": cfg.to_dict(),
         "stages": [{k: v for k, v in st.items() if k != "kinds"} for st in stages],
@@ -187,8 +194,14 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     if tc.resume == "auto":
         from derta.train.checkpoint import find_latest
 
-        loop_config["resume_from"] = find_latest(storage.join(ckpt_root, RAY_RUN_NAME))
+        loop_config["resume_from"] = find_latest(storage.join(ckpt_root, RAY_RUN_NAME), ledger, fingerprint)
 
+    from derta.security import release, seal
+
+    # The unredacted config, tracking handle and env stay in the cluster's memory (see
+    # derta.security): Train pickles train_loop_config into trainer.pkl in the run directory.
+    sealed_keys = ("experiment", "tracking", "env")
+    loop_config = {k: seal(v) if k in sealed_keys and v is not None else v for k, v in loop_config.items()}
     trainer_cls = TorchTrainer
     if started_here():  # a cluster this process started and will take down: no leak to guard
         for k, v in LOCAL_TRAIN_ENV.items():
@@ -212,7 +225,10 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
         # Each worker reads its own dataset (step_datasets splits every step's rows evenly).
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        release(*(loop_config[k] for k in sealed_keys))
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     steps = int(metrics.get("step", sum(p.total_steps for p in plans)))
     if export:
@@ -257,6 +273,7 @@ def _entry(config: dict[str, Any]) -> None:
 
 def _run_loop(config: dict[str, Any]) -> None:
     # Imported inside the worker so the driver does not pickle the loop module's globals.
+    from derta.security import unseal_keys
     from derta.train.loop import train_loop_per_worker
 
-    train_loop_per_worker(config)
+    train_loop_per_worker(unseal_keys(config))

@@ -272,6 +272,9 @@ def trial_run(t: dict[str, Any] | None, trial_id: str, params: dict[str, Any] | 
         return None
 
 
+_DRIVER_TRACKING: dict[str, Any] = {}
+
+
 def _tune_callback_cls():
     from ray.tune import Callback
 
@@ -281,9 +284,15 @@ def _tune_callback_cls():
         actor may have been killed before it could)."""
 
         def __init__(self, tracking: dict[str, Any] | None, run_dir: str, metric: str):
-            self.tracking = tracking
+            _DRIVER_TRACKING["handle"] = tracking
             self.run_dir = run_dir
             self.metric = metric
+
+        @property
+        def tracking(self) -> dict[str, Any] | None:
+            # Kept in the driver, not on the callback: Tune pickles its callbacks into
+            # tuner.pkl, and a tracking URI may carry a password. run_tune sets it per session.
+            return _DRIVER_TRACKING.get("handle")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._finish(trial, "FINISHED")
@@ -666,10 +675,12 @@ def run_tune(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TuneS
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets),
                                         {"CPU": TRIAL_DRIVER_CPU})
         n_conc = max_concurrent(cfg, ray.cluster_resources())
-        fs, storage_path = storage.pyarrow_fs(tune_dir, embed_credentials=True)
+        # No keys in this filesystem: Tune pickles it into tuner.pkl under the run directory.
+        fs, storage_path = storage.pyarrow_fs(tune_dir)
         exp_path = storage.join(tune_dir, EXPERIMENT)
         restore_path = exp_path if fs is None else f"{storage_path.rstrip('/')}/{EXPERIMENT}"  # a path inside fs
         restored = tune.Tuner.can_restore(restore_path, storage_filesystem=fs)
+        _DRIVER_TRACKING["handle"] = tracking  # the restored callbacks read it (see TrialTracking)
         if restored:
             console.print(f"resuming the search saved at {exp_path}")
             tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
