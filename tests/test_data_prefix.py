@@ -82,10 +82,13 @@ def test_histogram():
 
 # --------------------------------------------------------------------------- mix
 def test_presets_and_auto():
-    assert M.resolve_mix(MixConfig(), "derta") == ("derta", {"rto": 0.5, "pref": 0, "prefix": 0.5, "vanilla": 0, "helpful": 1.0})
+    # the public recipe (default): every triple makes both kinds; disjoint halves for equal budgets
+    assert M.resolve_mix(MixConfig(), "derta") == ("derta", {"rto": 1.0, "pref": 0, "prefix": 1.0, "vanilla": 0, "helpful": 1.0})
+    assert M.resolve_mix(MixConfig(triples="disjoint"), "derta") == (
+        "derta", {"rto": 0.5, "pref": 0, "prefix": 0.5, "vanilla": 0, "helpful": 1.0})
     assert M.resolve_mix(MixConfig(preset="recaug", helpful=100), "derta")[1]["prefix"] == 1.0
     assert M.resolve_mix(MixConfig(preset="recaug", helpful=100), "derta")[1]["helpful"] == 100
-    assert M.resolve_mix(MixConfig(), "derta_pref")[1]["pref"] == 0.5
+    assert M.resolve_mix(MixConfig(triples="disjoint"), "derta_pref")[1]["pref"] == 0.5
     assert M.resolve_mix(MixConfig(), "sft")[1] == {"rto": 0, "pref": 0, "prefix": 0, "vanilla": 0, "helpful": 1.0}
     custom = MixConfig(preset="custom", prefix=3000, rto=3000)
     assert M.resolve_mix(custom, "sft")[1]["rto"] == 3000

@@ -310,7 +310,7 @@ def test_heldout_helpful_rows_follow_the_holdout_rule(ray_local, tmp_path):
     assert [r["source_id"] for r in rows] == sorted(u, key=u.get)
     assert all(r["query"] == "q" + r["source_id"].split(":")[-1] for r in rows)
     assert heldout_helpful_rows(cfg, limit=5) == rows[:5]
-    demo = heldout_helpful_rows(_cfg(), limit=3)  # builtin:demo: its held-out tasks
+    demo = heldout_helpful_rows(_cfg(data={"helpful": {"uri": "builtin:demo"}}), limit=3)  # its held-out tasks
     assert len(demo) == 3 and demo[0]["source_id"] == "demo-heldout:0"
 
 

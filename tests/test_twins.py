@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from derta.config import load_config
-from derta.twin import STANDIN_MODEL, cpu_twin, outside_swaps
+from derta.twin import STANDIN_INSTRUCT, STANDIN_MODEL, cpu_twin, outside_swaps, standin
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -36,7 +36,8 @@ def test_twin_swaps_only_model_data_sizes_and_resources(job, tmp_path):
     cfg = _config(job)
     twin = cpu_twin(cfg, tmp_path)
     assert outside_swaps(cfg, twin) == set()
-    assert twin.model.name_or_path == STANDIN_MODEL and not twin.train.use_gpu and twin.eval.engine == "hf"
+    assert twin.model.name_or_path == standin(cfg.model.name_or_path) and not twin.train.use_gpu
+    assert twin.eval.engine == "hf"
     # What the real job is about is kept as it is.
     assert (twin.data.template, twin.data.mix, twin.data.prefix) == (cfg.data.template, cfg.data.mix, cfg.data.prefix)
     assert (twin.train.method, twin.train.schedule, twin.train.epochs, twin.train.refusal_token) == (
@@ -54,6 +55,13 @@ def test_twin_swaps_only_model_data_sizes_and_resources(job, tmp_path):
             assert src.fields.query in row and Path(src_twin.uri).is_relative_to(tmp_path)
     assert set(twin.eval.prompt_files) == set(cfg.eval.prompt_files)
     assert set(twin.eval.helpfulness_files) == set(cfg.eval.helpfulness_files)
+
+
+def test_each_model_gets_a_standin_of_its_kind():
+    assert standin("meta-llama/Meta-Llama-3-70B") == STANDIN_MODEL  # base: no chat template
+    assert standin("cais/HarmBench-Llama-2-13b-cls") == STANDIN_MODEL  # a classifier prompted raw
+    assert standin("meta-llama/Meta-Llama-3-8B-Instruct") == STANDIN_INSTRUCT
+    assert standin("s3://b/models/llama3-8b-instruct-harmful/") == STANDIN_INSTRUCT
 
 
 def test_the_twin_check_catches_a_changed_setting(tmp_path):
@@ -118,7 +126,7 @@ def _check_training_run(run: Path, cfg, runs) -> None:
                 "eval/metrics.json", "report.html"):
         assert (run / rel).exists(), rel
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["data"]["template"] == cfg.data.template and saved["model"]["name_or_path"] == STANDIN_MODEL
+    assert saved["data"]["template"] == cfg.data.template and saved["model"]["name_or_path"] == cfg.model.name_or_path
     manifest = json.loads((run / "data/manifest.json").read_text())
     assert manifest["counts"]["rto"] > 0 and manifest["counts"]["prefix"] > 0 and manifest["counts"]["helpful"] > 0
     metrics = json.loads((run / "eval/metrics.json").read_text())

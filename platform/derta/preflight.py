@@ -163,6 +163,10 @@ def check(cfg: ExperimentConfig, stages: Iterable[str] = ("train", "eval"), *, p
         notes += attempt(check_data, cfg) or []
     if ("generate" in stages or ("data" in stages and cfg.data.generate)) and cfg.data.safety is None:
         problems.append("data.safety: response generation fills the safety source's rows, but data.safety is not set")
+    if "tune" in stages:
+        from derta.tune.space import space_dims
+
+        attempt(space_dims, cfg)  # a search over a key it cannot change
     if "tune" in stages and not cfg.data.holdout:
         problems.append("data.holdout: the tune proxy objective scores trials on held-out safety triples, "
                         "but data.holdout is 0 (set e.g. data.holdout=0.1)")

@@ -2,8 +2,9 @@
 resources swapped, so a shipped GPU job runs end to end on a laptop (and in the test suite)
 before anyone pays GPU hours for it.
 
-What is swapped (`SWAPPED`, and nothing else): every model reference becomes the Llama-3 base
-stand-in (`builtin:llama3-base`: Llama-3's tokenizer layout, no chat template); every data file
+What is swapped (`SWAPPED`, and nothing else): every model reference becomes a stand-in of its
+kind (`builtin:llama3-base`: Llama-3's base tokenizer layout, no chat template; `builtin:tiny` for
+instruct models: Llama-3-Instruct's chat template and turn tokens); every data file
 becomes synthetic data written in the same format and under the same field names the config
 reads; lengths, counts and batch sizes shrink; GPUs, vLLM, tensor parallelism and remote storage
 become CPUs, the HF engine, one engine actor and a local (or loopback S3) root. What is kept:
@@ -21,7 +22,15 @@ from typing import Any
 from derta import demo
 from derta.config import ExperimentConfig, SourceConfig, apply_override, validate_config
 
-STANDIN_MODEL = "builtin:llama3-base"
+STANDIN_MODEL = "builtin:llama3-base"  # for base models (Meta-Llama-3-8B/70B): no chat template
+STANDIN_INSTRUCT = "builtin:tiny"  # for instruct / chat models: Llama-3-Instruct's chat layout
+
+
+def standin(ref: str) -> str:
+    """The stand-in for one model reference: an instruct-like model where the name says the real
+    one is an instruct / chat model (it then has a chat template), else the base-like one."""
+    name = ref.lower()
+    return STANDIN_INSTRUCT if "instruct" in name or "chat" in name else STANDIN_MODEL
 
 # Dotted keys a twin may change (a key's whole subtree when it names a section entry).
 SWAPPED = frozenset({
@@ -131,7 +140,7 @@ def twin_swaps(cfg: ExperimentConfig, data_dir: str | Path, root: str, tracking_
     """Every (dotted key -> value) the twin changes; each key is in SWAPPED."""
     t, e, g = cfg.train, cfg.eval, cfg.data.generate
     swaps: dict[str, Any] = {
-        "model.name_or_path": STANDIN_MODEL, "model.revision": None, "model.dtype": "auto",
+        "model.name_or_path": standin(cfg.model.name_or_path), "model.revision": None, "model.dtype": "auto",
         "data.max_len": min(cfg.data.max_len, MAX_LEN),
         "train.workers": WORKERS, "train.use_gpu": False, "train.cpus_per_worker": 1.0,
         "train.global_batch": min(t.global_batch, GLOBAL_BATCH), "train.micro_batch": min(t.micro_batch, MICRO_BATCH),
@@ -146,13 +155,13 @@ def twin_swaps(cfg: ExperimentConfig, data_dir: str | Path, root: str, tracking_
         "storage.root": root, "tracking.uri": tracking_uri, "ray.address": None, "ray.num_cpus": None,
     }
     if e.judge_model and e.judge == "llm":
-        swaps["eval.judge_model"] = STANDIN_MODEL
+        swaps["eval.judge_model"] = standin(e.judge_model)
     if e.pair.attacker_model:
-        swaps["eval.pair.attacker_model"] = STANDIN_MODEL
+        swaps["eval.pair.attacker_model"] = standin(e.pair.attacker_model)
     swaps["eval.pair.attacker_max_new_tokens"] = min(e.pair.attacker_max_new_tokens, MAX_NEW_TOKENS)
     if g is not None:
-        swaps.update({"data.generate.harmful_model": STANDIN_MODEL if g.harmful_model else None,
-                      "data.generate.safe_model": STANDIN_MODEL if g.safe_model else None,
+        swaps.update({"data.generate.harmful_model": standin(g.harmful_model) if g.harmful_model else None,
+                      "data.generate.safe_model": standin(g.safe_model) if g.safe_model else None,
                       "data.generate.max_new_tokens": min(g.max_new_tokens, MAX_NEW_TOKENS * 2),
                       "data.generate.batch_size": min(g.batch_size, 16)})
     swaps.update(write_twin_data(cfg, data_dir))
