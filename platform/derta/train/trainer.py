@@ -261,19 +261,16 @@ def local_trainer_class(base: type) -> type:
 
 
 def _entry(config: dict[str, Any]) -> None:
+    # Imported inside the worker so the driver does not pickle these modules' globals.
+    from derta.security import unseal_keys
+    from derta.train.loop import train_loop_per_worker
+
+    config = unseal_keys(config)
     timeline = (config.get("env") or {}).get(TIMELINE_ENV)
     if timeline:
         from derta.train.timeline import traced
 
         with traced(timeline):
-            _run_loop(config)
+            train_loop_per_worker(config)
         return
-    _run_loop(config)
-
-
-def _run_loop(config: dict[str, Any]) -> None:
-    # Imported inside the worker so the driver does not pickle the loop module's globals.
-    from derta.security import unseal_keys
-    from derta.train.loop import train_loop_per_worker
-
-    train_loop_per_worker(unseal_keys(config))
+    train_loop_per_worker(config)
