@@ -131,6 +131,10 @@ def test_upload_download_dir(root, tmp_path):
         assert (tmp_path / "back" / rel).read_bytes() == data
 
 
+def _rels(directory: str) -> list[str]:
+    return [os.path.relpath(os.path.join(d, f), directory) for d, _, names in os.walk(directory) for f in names]
+
+
 def test_local_copy(s3_bucket, tmp_path):
     files = _make_tree(tmp_path / "src")
     storage.upload_dir(str(tmp_path / "src"), s3_bucket + "/hf/model")
@@ -142,6 +146,13 @@ def test_local_copy(s3_bucket, tmp_path):
     storage.delete(s3_bucket + "/hf")  # a second call is served from the cache, no download
     assert storage.local_copy(s3_bucket + "/hf/model", cache_dir=str(cache)) == local
     assert not [n for n in os.listdir(os.path.dirname(local)) if n.endswith(".tmp")]
+
+    # A file copied out of a directory first (MLflow logs a model's config.json alone) does not
+    # pass for the directory's copy.
+    storage.upload_dir(str(tmp_path / "src"), s3_bucket + "/hf/other")
+    one = storage.local_copy(s3_bucket + "/hf/other/tok/vocab.txt", cache_dir=str(cache))
+    whole = storage.local_copy(s3_bucket + "/hf/other", cache_dir=str(cache))
+    assert open(one, "rb").read() == files["tok/vocab.txt"] and sorted(_rels(whole)) == sorted(files)
 
     storage.write_text(s3_bucket + "/one.txt", "single")
     single = storage.local_copy(s3_bucket + "/one.txt", cache_dir=str(cache))

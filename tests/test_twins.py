@@ -132,7 +132,8 @@ def _check_training_run(run: Path, cfg, runs) -> None:
     metrics = json.loads((run / "eval/metrics.json").read_text())
     assert set(cfg.eval.attacks) <= set(metrics["asr"])
     rows = [json.loads(line) for line in (run / "eval/generations.jsonl").read_text().splitlines()]
-    assert {r["attack"] for r in rows} == set(cfg.eval.attacks)
+    assert {r["attack"] for r in rows} == set(cfg.eval.attacks) | set(cfg.eval.helpfulness)  # every prompt judged
+    assert set(cfg.eval.helpfulness) <= set(metrics["helpfulness"])
     parent = runs["twin"].info.run_id
     for stage in ("data", "train", "eval"):
         assert runs[stage].data.tags["mlflow.parentRunId"] == parent

@@ -394,23 +394,28 @@ def default_cache_dir() -> str:
 def local_copy(uri: PathLike, cache_dir: PathLike | None = None) -> str:
     """A local path for uri: local paths as they are; an s3 file or prefix downloaded once.
 
-    The copy lives at <cache_dir or default_cache_dir()>/<bucket>/<key> and appears only when complete (downloaded to
-    a temp name, then renamed), so concurrent callers on one node never see a partial model
-    directory. The cache assumes objects are immutable (checkpoints, exported models).
+    The copy lives at <cache_dir or default_cache_dir()>/{objects|prefixes}/<bucket>/<key> and
+    appears only when complete (downloaded to a temp name, then renamed), so concurrent callers
+    on one node never see a partial model directory. Single objects and prefixes have separate
+    trees: a file copied out of a model directory (MLflow logs config.json alone) must not pass
+    for the directory's copy. The cache assumes objects are immutable (checkpoints, exported
+    models).
     """
     uri = str(uri)
     if not is_s3(uri):
         return uri
     bucket, key = parse_s3(uri)
     key = key.strip("/")
-    target = _under(str(cache_dir or default_cache_dir()), f"{bucket}/{key}", uri)
+    single = exists_file(uri)
+    root = os.path.join(str(cache_dir or default_cache_dir()), "objects" if single else "prefixes")
+    target = _under(root, f"{bucket}/{key}", uri)
     if os.path.exists(target):
         return target
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
     try:
-        if exists_file(uri):
+        if single:
             staged = os.path.join(tmp, "file")
             with _s3_errors(uri):
                 s3_client().download_file(bucket, key, staged)
