@@ -1,4 +1,4 @@
-"""Training rows for the training-stage tests, built by hand in the CONTRACTS.md format
+"""Training rows for the training-stage tests, built by hand in the sample-row format of docs/ARCHITECTURE.md
 (input_ids, labels, rto_mask, position_ids; fixed length), so these tests do not depend on
 the data stage."""
 

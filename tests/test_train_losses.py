@@ -45,7 +45,7 @@ def ref_lm(lm):
 
 
 def random_batch(vocab: int, B: int = 3, L: int = 41, packed: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random rows in the CONTRACTS.md format: some MLE spans, some RTO spans, packed docs."""
+    """Random rows in the sample-row format of docs/ARCHITECTURE.md: some MLE spans, some RTO spans, packed docs."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (B, L), generator=g)
     labels = torch.full((B, L), -100)

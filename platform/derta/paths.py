@@ -1,4 +1,4 @@
-"""The run directory layout (public contract, see ARCHITECTURE.md): one place for every path."""
+"""The run directory layout (public contract, docs/ARCHITECTURE.md): one place for every path."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One small I/O layer for every stage: a URI is a local path or `s3://bucket/key`.
 
-Stages hand data to each other through URIs (see ARCHITECTURE.md), so the same code runs on a
+Stages hand data to each other through URIs (docs/ARCHITECTURE.md), so the same code runs on a
 laptop (`./runs`) and on a cluster (`s3://bucket/prefix`). S3-compatible stores (MinIO, R2,
 Ceph, a loopback moto server in tests) are reached by setting `AWS_ENDPOINT_URL_S3` or
 `AWS_ENDPOINT_URL`; credentials come from the standard AWS chain (env vars, profile, role).

@@ -305,7 +305,7 @@ def samples_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str, 
 
 def training_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str, ...] | None = None, shuffle: bool = True,
                      rto_end: bool = False):
-    """Fixed-length training rows (input_ids, labels, rto_mask, position_ids; CONTRACTS.md).
+    """Fixed-length training rows (input_ids, labels, rto_mask, position_ids; docs/ARCHITECTURE.md).
 
     kinds: only these sample kinds (e.g. ["rto"] for a sequential schedule's second stage).
     rto_end: with train.loss.keep_rule public, rto samples get the template's end-of-turn ids

@@ -1,6 +1,6 @@
 """The transition samples: each kind is built here and nowhere else (pure functions over ids).
 
-Conventions (CONTRACTS.md): labels[t] is the MLE target for position t (HF shift inside the
+Conventions (docs/ARCHITECTURE.md, sample rows): labels[t] is the MLE target for position t (HF shift inside the
 model: logits[t-1] vs labels[t]), -100 where there is no MLE loss. rto_mask[t] means "the
 prediction made from input_ids[:t] should be the refusal token"; it is true exactly on the
 harmful-response positions of rto/pref rows, so position t = first harmful token carries the

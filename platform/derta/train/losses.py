@@ -5,7 +5,7 @@ The paper's objective (Yuan et al. 2024, eq. 1-2):
 
     L(θ) = − E log Pθ(r | q, r̂<k)  −  E Σ_{t=1..|r̂|} log Pθ(sorry | q, r̂<t)
 
-Alignment (CONTRACTS.md): labels[t] / rto_mask[t] are targets FOR position t, predicted from
+Alignment (docs/ARCHITECTURE.md, sample rows): labels[t] / rto_mask[t] are targets FOR position t, predicted from
 the hidden state at t-1. So every target lives on the shifted grid t = 1..L-1.
 
 Normalisation (`train.loss.normalize`) -- what is optimised:

@@ -51,7 +51,7 @@ def proxy_score(transition_mean: float, transition_min: float, helpful_nll: floa
 # --------------------------------------------------------------------------- held-out set
 @dataclass
 class ProxySet:
-    """Tokenized held-out samples (CONTRACTS.md sample format): rto-shaped safety rows
+    """Tokenized held-out samples (sample-row format of docs/ARCHITECTURE.md): rto-shaped safety rows
     (rto_mask on every harmful token) and helpful rows (labels on the response)."""
 
     safety: list[dict[str, list]] = field(default_factory=list)
