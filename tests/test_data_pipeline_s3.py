@@ -9,7 +9,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from _fixtures import ray_local, tiny_model_dir  # noqa: F401
+from _fixtures import ray_local, ray_with_aws_env, tiny_model_dir  # noqa: F401
 
 from derta import demo, storage
 from derta.config import validate_config
@@ -20,7 +20,7 @@ from test_data_pipeline import _samples
 pytestmark = pytest.mark.slow
 
 
-def test_s3_sources_to_s3_run_dir(s3_bucket, ray_local, tiny_model_dir, tmp_path):
+def test_s3_sources_to_s3_run_dir(s3_bucket, ray_with_aws_env, tiny_model_dir, tmp_path):
     triples = demo.safety_triples("train")[:60]
     lines = [json.dumps({"prompt": t.query, "refusal": t.safe, "compliance": t.harmful}) for t in triples]
     lines[7] = json.dumps({"prompt": "q", "refusal": "", "compliance": "x"})

@@ -361,6 +361,7 @@ ROBUST = ["vanilla refuses without an attack", "the harmful prefix alone fixes s
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1700)
 def test_ray_job_submit_runs_the_position_bias_science_check(ray_head, tmp_path):
     """`ray job submit --working-dir . -- python jobs/position_bias.py` until SUCCEEDED:
     pretraining + four arms through data -> Ray Train -> eval; every arm's run directory follows
@@ -373,7 +374,7 @@ def test_ray_job_submit_runs_the_position_bias_science_check(ray_head, tmp_path)
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
            "--submission-id", job_id, "--", "python", "jobs/position_bias.py", "--set", *sets]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     except subprocess.TimeoutExpired:
         _rest(url, f"/api/jobs/{job_id}/stop", method="POST")
         raise

@@ -289,9 +289,10 @@ def test_secret_sweep_run_and_tune_write_no_secret(s3_bucket, mlflow_server, tmp
     cfg = {
         "model": {"name_or_path": "builtin:tiny"},
         "data": {"safety": {"uri": "builtin:demo", "limit": 64}, "helpful": {"uri": "builtin:demo", "limit": 32},
-                 "max_len": 160},
+                 "max_len": 160, "holdout": 0.1},
         "train": {"workers": 1, "max_steps": 2, "global_batch": 8, "micro_batch": 8, "lr": 1e-3, "warmup_ratio": 0.0},
         "eval": {"engine": "hf", "limit": 4, "prefill_k": [0, 10], "max_new_tokens": 8, "helpfulness": ["demo"],
+                 "questions": {"uri": "builtin:demo"},
                  "judge_url": f"https://judge.example/v1?api_key={SECRETS['judge api key']}"},
         "tune": {"num_samples": 2, "max_concurrent_trials": 1, "scheduler": "fifo", "proxy_samples": 8,
                  "space": {"train.lr": {"sampler": "choice", "values": [1e-3, 3e-3]}}},

@@ -229,6 +229,7 @@ def test_proxy_ranks_vanilla_rto_derta_like_the_prefill_attack(tiny_model_dir, t
     from derta.eval.engines import EngineSpec, HFEngine
     from derta.eval.judges import RefusalJudge
     from derta.eval.metrics import compute_metrics
+    from derta.prompts import eval_renderer
     from derta.eval.runner import _item_row, judge_rows
     from derta.models import refusal_token_id
     from derta.tune.proxy import evaluate, make_batches
@@ -263,7 +264,8 @@ def test_proxy_ranks_vanilla_rto_derta_like_the_prefill_attack(tiny_model_dir, t
                       150, 3e-3, "none", sorry, pad)
         ps = _proxy_set(cfg, tok, n=24)
         sb, hb = make_batches(ps.safety, 12, ps.pad_id), make_batches(ps.helpful, 12, ps.pad_id)
-        items = prefill_attack.build(load_questions(cfg.eval.questions, cfg.eval.limit), cfg.eval, tokenizer=tok)
+        items = prefill_attack.build(load_questions(cfg.eval.questions, cfg.eval.limit), cfg.eval,
+                                     renderer=eval_renderer(cfg, tok))
         proxy, asr = {}, {}
         for method in ("vanilla", "rto", "derta"):
             torch.manual_seed(0)
