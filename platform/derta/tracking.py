@@ -29,6 +29,10 @@ from typing import Any, Iterator, Mapping
 from derta import storage
 from derta.config import redact
 
+# MLflow prints "View run ... at: <tracking URI>/#/..." on every run end; with a server URI that
+# holds userinfo (user:password@host) that line would put the password on the console and in logs.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 LOCAL_DB_FOR_S3_ROOT = "./runs/mlflow.db"
 
 # MLflow's per-value limits (mlflow.utils.validation); copied so a disabled tracker never
