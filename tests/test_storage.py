@@ -195,12 +195,12 @@ def test_pyarrow_fs_never_carries_keys(s3_bucket, monkeypatch):
     secret = "NeverPickled/S3cret+Key"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     plain, _ = storage.pyarrow_fs(s3_bucket + "/d/p.parquet")
-    fs, path = storage.pyarrow_fs(s3_bucket + "/d/p.parquet", embed_credentials=True)
+    fs, path = storage.pyarrow_fs(s3_bucket + "/d/p.parquet")
     assert path == s3_bucket[len("s3://") :] + "/d/p.parquet" and fs.equals(plain)
     assert secret.encode() not in pickle.dumps(fs)
     pq.write_table(pa.table({"x": [1, 2]}), path, filesystem=pickle.loads(pickle.dumps(fs)))
     assert pq.read_table(path, filesystem=plain).to_pylist() == [{"x": 1}, {"x": 2}]
-    assert storage.pyarrow_fs("/tmp/p.parquet", embed_credentials=True) == (None, "/tmp/p.parquet")
+    assert storage.pyarrow_fs("/tmp/p.parquet") == (None, "/tmp/p.parquet")
 
 
 def test_read_jsonl_skips_blank_lines_and_names_a_bad_line(tmp_path):

@@ -433,16 +433,14 @@ def local_copy(uri: PathLike, cache_dir: PathLike | None = None) -> str:
 
 
 # --------------------------------------------------------------------------- pyarrow
-def pyarrow_fs(uri: PathLike, *, embed_credentials: bool = False) -> tuple[Any, str]:
+def pyarrow_fs(uri: PathLike) -> tuple[Any, str]:
     """(filesystem, path) for pyarrow / Ray Data (`read_parquet(path, filesystem=fs)`).
 
     Local paths give (None, path). For s3 the filesystem carries the endpoint override, so Ray
     Data reaches the same store as boto3, and never any keys: these filesystems are pickled
     (Tune's tuner.pkl and Train's trainer.pkl land in the run directory), so credentials come
     from the AWS default chain of whichever process uses it (env, profile, instance role).
-    `embed_credentials` is accepted for older callers and ignored.
     """
-    del embed_credentials
     uri = str(uri)
     if not is_s3(uri):
         return None, uri

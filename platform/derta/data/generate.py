@@ -160,7 +160,7 @@ def fill_missing(cfg: ExperimentConfig, data_uri: str) -> tuple[SourceConfig, Co
         ds = have.map_batches(_to_arrow, batch_format="pyarrow", fn_kwargs={"columns": cols}).union(
             made.map_batches(_to_arrow, batch_format="numpy", fn_kwargs={"columns": cols})
         ).materialize()  # the next column branches twice from here: generate once, not per branch
-    fs, path = storage.pyarrow_fs(out_dir, embed_credentials=True)
+    fs, path = storage.pyarrow_fs(out_dir)
     storage.delete(out_dir)  # leftovers of an interrupted run (no marker): start clean
     ds.select_columns(list(keep)).sort(["fidx", "row"]).select_columns(list(COLUMNS)).write_parquet(path, filesystem=fs)
     storage.write_json(done, {"skipped": dict(skipped), "models": models})  # the commit marker

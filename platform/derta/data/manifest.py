@@ -171,7 +171,7 @@ def sample_sink_cls():
 
         def __init__(self, shard_dir: str):
             self.shard_dir = shard_dir
-            self.fs, self.fs_dir = storage.pyarrow_fs(shard_dir, embed_credentials=True)  # built in the driver, used by the tasks
+            self.fs, self.fs_dir = storage.pyarrow_fs(shard_dir)  # built in the driver, used by the tasks
             self.results: list[dict] = []
             storage.makedirs(shard_dir)
 

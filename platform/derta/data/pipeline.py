@@ -298,7 +298,7 @@ def samples_dataset(cfg: ExperimentConfig, paths, kinds: list[str] | tuple[str, 
     if manifest is None:
         return build_stream(cfg)
     uris = shard_uris(paths, manifest)
-    fs, _ = storage.pyarrow_fs(uris[0], embed_credentials=True)
+    fs, _ = storage.pyarrow_fs(uris[0])
     files = [storage.pyarrow_fs(s)[1] for s in uris]
     return ray.data.read_parquet(files, filesystem=fs, columns=list(SAMPLE_COLUMNS))
 

@@ -421,7 +421,7 @@ def read_records(spec: SourceSpec):
         return ray.data.from_arrow(table).map_batches(
             _normalize_table, batch_format="pyarrow", fn_kwargs={"spec": spec}, zero_copy_batch=True
         )
-    fs, _ = storage.pyarrow_fs(spec.files[0], embed_credentials=True)  # built here, used by the read tasks
+    fs, _ = storage.pyarrow_fs(spec.files[0])  # built here, used by the read tasks
     paths = [storage.pyarrow_fs(f)[1] for f in spec.files]
     cls = _file_datasource_cls()
     return ray.data.read_datasource(cls(spec, paths, fs))
