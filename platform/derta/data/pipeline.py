@@ -84,8 +84,13 @@ def _telemetry(built: Counter, skipped: Counter) -> None:
         telemetry.record_rows_skipped(n, reason=reason)
 
 
+BUILD_BATCH = 512  # source rows per BuildSamples call
+
+
 def _actor_pool(max_size: int | None = None):
-    """An autoscaling actor pool: 1 actor up to one per CPU but one (left for reads/writes)."""
+    """An autoscaling actor pool: 1 actor up to one per CPU but one (left for reads/writes),
+    and never more than `max_size` (each actor is a process that imports transformers and
+    loads the tokenizer: on a laptop's few hundred rows, extra actors only cost start-up)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -98,12 +103,13 @@ def _stream(cfg: ExperimentConfig, plan: Plan):
     import ray
 
     ds = _union([S.read_records(spec) for spec in plan.specs])
+    rows = sum(len(r.sorted_u) for r in plan.roles.values())  # the rows that make samples
     return ds.map_batches(
         BuildSamples,
         batch_format="pyarrow",
-        batch_size=512,
+        batch_size=BUILD_BATCH,
         fn_constructor_kwargs={"cfg": cfg.to_dict(), "plans": [ray.put(plan.roles)]},
-        compute=_actor_pool(),
+        compute=_actor_pool(max_size=max(1, -(-rows // BUILD_BATCH))),
     )
 
 
