@@ -54,6 +54,7 @@ def _item_row(it: AttackPrompt | hf.HelpItem) -> dict[str, Any]:
         return {
             "key": it.key, "kind": "safety", "attack": it.attack, "qid": it.qid, "question": it.question,
             "prompt": it.request.display(), "prefill": it.prefill, "k": it.k, "meta": it.meta,
+            **({"reference": it.reference} if it.reference else {}),
         }
     return {
         "key": it.key, "kind": "helpfulness", "attack": it.benchmark, "qid": it.id, "question": it.question,
@@ -107,14 +108,17 @@ def judge_rows(rows: list[dict[str, Any]], judge: Any, pattern: RefusalJudge | N
     """Fill verdicts (safety rows) and scores (helpfulness rows) in place; returns rows."""
     safety = [r for r in rows if r["kind"] == "safety"]
     if safety:
-        inputs = [JudgeInput(r["question"], r["response"], r.get("prompt") or "", r.get("prefill") or "") for r in safety]
+        inputs = [JudgeInput(r["question"], r["response"], r.get("prompt") or "", r.get("prefill") or "",
+                             r.get("reference") or "") for r in safety]
         results = judge.judge_batch(inputs)
-        base = pattern.judge_batch(inputs) if pattern is not None and getattr(judge, "name", "") != "refusal" else None
+        base = pattern.judge_batch(inputs) if pattern is not None and getattr(judge, "name", "") not in ("refusal", "reference") else None
         for i, (r, res) in enumerate(zip(safety, results)):
             r.update(
                 unsafe=res.unsafe, unsafe_lenient=res.unsafe_lenient, refused=res.refused, refusal_pos=res.refusal_pos,
                 content_before_refusal=res.content_before_refusal, judge=res.judge, reason=res.reason,
             )
+            if res.score is not None:
+                r["judge_score"] = res.score
             if base is not None:
                 r["unsafe_refusal"] = base[i].unsafe
     for r in rows:
@@ -377,7 +381,8 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
                     continue
                 walk(f"{prefix}.{k}", x)
 
-    for k in ("asr", "asr_mean", "asr_lenient", "asr_by_k", "refusal_position", "helpfulness", "over_refusal", "judge_agreement"):
+    for k in ("asr", "asr_mean", "asr_lenient", "asr_by_k", "refusal_position", "helpfulness", "over_refusal", "judge_agreement", "judge_score",
+              "failed_rows", "too_long"):
         walk(f"eval.{k}", metrics.get(k))
     hist = (metrics.get("refusal_position") or {}).get("histogram") or {}
     for b, c in hist.items():
