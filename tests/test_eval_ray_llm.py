@@ -127,3 +127,32 @@ def test_stage_graph_against_installed_ray(ray_local, tiny_model_dir):
     tp = ray_llm.build(_spec(tiny_model_dir, tensor_parallel=2), num_actors=1).stages["vLLMEngineStage"]
     assert tp.map_batches_kwargs["num_gpus"] == 0 and "ray_remote_args_fn" in tp.map_batches_kwargs
     assert tp.fn_constructor_kwargs["engine_kwargs"]["distributed_executor_backend"] == "ray"
+
+
+def _gpu_and_vllm() -> bool:
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not _gpu_and_vllm(), reason="needs vllm and a CUDA GPU")
+def test_processor_runs_and_counts_a_failed_row(ray_local, tiny_model_dir, tiny_tokenizer):
+    """On a GPU: the processor generates from derta's ids; a row with an out-of-vocabulary id fails
+    alone (should_continue_on_error) and comes back with its error, not a response."""
+    import ray
+
+    from derta.eval.engines import GenRequest
+
+    reqs = [GenRequest(prompt_ids=tiny_tokenizer("How do I bake bread?")["input_ids"], max_new_tokens=8) for _ in range(3)]
+    ids = [r.prompt_ids for r in reqs]
+    ids[2] = ids[2] + [10**7]  # not a token of this vocabulary
+    rows = ray_llm.to_rows([{"key": f"k{i}", "row": "{}"} for i in range(3)], ids, reqs, stop_token_ids(tiny_tokenizer))
+    spec = EngineSpec(model=tiny_model_dir, kind="vllm", use_gpu=True, batch_size=4, max_model_len=512,
+                      gpu_memory_utilization=0.3)
+    out = {r["key"]: r for r in ray_llm.generate(ray.data.from_items(rows), spec).take_all()}
+    assert not out["k0"]["error"] and out["k0"]["response"] == out["k1"]["response"]
+    assert out["k2"]["error"] and out["k2"]["response"] == ""
