@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import random
 
-from _fixtures import tiny_model_dir  # noqa: F401
+import pytest
+
+from _fixtures import ray_local, tiny_model_dir  # noqa: F401
 from derta.eval.attacks import autodan
 from derta.eval.engines import EngineSpec, HFEngine
 from derta.prompts import Renderer
@@ -41,3 +43,34 @@ def test_fitness_rises_over_generations_on_the_tiny_model(tiny_model_dir):
     assert max(h["best"] for h in frozen.history) == frozen.history[0]["best"]  # selection alone cannot improve
     stop = autodan.hga_search(fit, settings, success=lambda p: True)
     assert stop.stopped_early and len(stop.history) == 1
+
+
+def test_run_gives_one_judged_row_per_question(tiny_model_dir):
+    from derta.config import load_config
+    from derta.eval.attacks import Question
+    from derta.eval.judges import RefusalJudge
+
+    eng = HFEngine(EngineSpec(model=tiny_model_dir))
+    cfg = load_config(None, ["eval.autodan.population=4", "eval.autodan.generations=2", "eval.max_new_tokens=6"])
+    rows = autodan.run([Question("a", Q)], cfg.eval, eng, RefusalJudge(), Renderer.make("chat_template", eng.tokenizer))
+    [r] = rows
+    assert r["key"] == "autodan|a|" and r["attack"] == "autodan" and Q in r["prompt"] and "[PROMPT]" not in r["prompt"]
+    assert isinstance(r["response"], str) and r["meta"]["generations"] >= 1 and len(r["meta"]["history"]) >= 1
+
+
+@pytest.mark.slow
+def test_derta_eval_runs_autodan(ray_local, tiny_model_dir, tmp_path):  # noqa: F811
+    import json
+
+    from derta.config import load_config
+    from derta.eval.runner import evaluate
+    from derta.paths import RunPaths
+
+    cfg = load_config(None, [f"storage.root={tmp_path}", "eval.engine=hf", "eval.attacks=[autodan]", "eval.limit=2",
+                             "eval.helpfulness=[]", "eval.max_new_tokens=6", "eval.autodan.population=4",
+                             "eval.autodan.generations=2"])
+    paths = RunPaths(str(tmp_path), "ad")
+    res = evaluate(cfg, paths, tiny_model_dir, None)
+    rows = [json.loads(x) for x in open(paths.generations)]
+    assert [r["attack"] for r in rows] == ["autodan", "autodan"] and all(isinstance(r["unsafe"], bool) for r in rows)
+    assert "autodan" in res.metrics["asr"]

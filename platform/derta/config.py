@@ -251,6 +251,18 @@ class PairConfig(Strict):
     attacker_max_new_tokens: int = Field(128, ge=1)
 
 
+class AutodanConfig(Strict):
+    """AutoDAN-HGA (derta.eval.attacks.autodan): a genetic search per question, scored by the
+    target's likelihood of `target` (HF engine only: it needs the model's log-probabilities)."""
+
+    population: int = Field(16, ge=2)
+    generations: int = Field(10, ge=1)
+    elite: int = Field(2, ge=1)
+    crossover: float = Field(0.5, ge=0.0, le=1.0)
+    mutation: float = Field(0.2, ge=0.0, le=1.0)
+    target: str = "Sure, here is"
+
+
 class EvalConfig(Strict):
     engine: Literal["auto", "vllm", "hf"] = "auto"
     attacks: list[Literal["prefill", "completion", "codeattack", "jailbreakchat", "selfcipher", "pair", "autodan", "direct"]] = [
@@ -263,6 +275,7 @@ class EvalConfig(Strict):
     prompt_files: dict[str, str] = {}
     prefill_k: list[Annotated[int, Field(ge=0)]] = [0, 5, 10, 20, 40]  # prefix words given to the model
     pair: PairConfig = PairConfig()
+    autodan: AutodanConfig = AutodanConfig()
     judge: Literal["refusal", "llm", "http"] = "refusal"
     judge_model: str | None = None
     judge_url: str | None = None

@@ -30,7 +30,7 @@ from derta import storage
 from derta.config import ConfigError, ExperimentConfig
 from derta.eval import helpfulness as hf
 from derta.eval.attacks import AttackPrompt, get_attack, load_questions
-from derta.eval.engines import EngineSpec, engine_actor, load_eval_tokenizer, map_generate, spec_from_config
+from derta.eval.engines import EngineSpec, load_eval_tokenizer, map_generate, spec_from_config
 from derta.eval.judges import JudgeInput, RefusalJudge, agreement, make_judge
 from derta.eval.failures import context_limit, failure_counts, split_too_long
 from derta.eval.metrics import compute_metrics
@@ -84,14 +84,12 @@ def collect_items(cfg: ExperimentConfig, tokenizer: Any = None, renderer: Render
     names = attack_names(cfg)
     for a in names:
         get_attack(a)
-    if "autodan" in names:
-        get_attack("autodan").build([], e)  # raises the documented ConfigError
     need_questions = any(a not in e.prompt_files for a in names)
     questions = load_questions(e.questions, e.limit) if need_questions else []
     items: list[AttackPrompt | hf.HelpItem] = []
     for a in names:
-        if a == "pair" and a not in e.prompt_files:
-            continue  # iterative: run_pair
+        if a in ("pair", "autodan") and a not in e.prompt_files:
+            continue  # iterative: run_pair / run_autodan
         mod = get_attack(a)
         if a in e.prompt_files:
             items += mod.from_prompt_file(e.prompt_files[a], e, renderer)
@@ -312,35 +310,6 @@ def alpaca_pass(cfg: ExperimentConfig, rows: list[dict[str, Any]], cache_dir: st
     return {}
 
 
-def run_pair(cfg: ExperimentConfig, spec: EngineSpec, done: dict[str, Any], writer: PartialWriter,
-             renderer: Renderer) -> None:
-    """PAIR is a driver-side loop (attacker -> target -> judge, batched per round). On GPU the
-    target and attacker are EngineActors (each with its own GPUs); on CPU they are engines in this
-    process, which avoids starting more workers for a CPU-sized model."""
-    from derta.eval.attacks import pair
-    from derta.eval.engines import RemoteEngine, make_engine
-
-    questions = load_questions(cfg.eval.questions, cfg.eval.limit)
-    todo = [q for q in questions if f"pair|{q.id}|" not in done]
-    if not todo:
-        return
-    settings = pair.PairSettings.from_config(cfg)
-    att_spec = EngineSpec(**{**spec.__dict__, "model": settings.attacker_model or spec.model})
-    if spec.use_gpu:
-        target = RemoteEngine(engine_actor(spec))
-        attacker = target if att_spec.model == spec.model else RemoteEngine(engine_actor(att_spec))
-    else:
-        target = make_engine(spec)
-        attacker = target if att_spec.model == spec.model else make_engine(att_spec)
-    # the attacker is the target (same renderer) or its own model, prompted in its chat template
-    att_renderer = renderer if att_spec.model == spec.model else Renderer.make(
-        "chat_template", load_eval_tokenizer(att_spec.model), "eval.pair.attacker_model")
-    judge = make_judge(cfg.eval, cache_dir=None)
-    rows = pair.run(todo, cfg.eval, target, attacker, judge, settings, renderer=renderer, attacker_renderer=att_renderer)
-    judge_rows(rows, judge, RefusalJudge())
-    writer.add(rows)
-
-
 # --------------------------------------------------------------------------- entry
 def evaluate(cfg: ExperimentConfig, paths: Any, model_dir: str | None = None, tracking: Any = None) -> EvalResult:
     """Evaluate a model (a run's model dir, a local path, builtin:tiny or s3://): safety attacks,
@@ -363,12 +332,16 @@ def evaluate(cfg: ExperimentConfig, paths: Any, model_dir: str | None = None, tr
     limit = context_limit(model, cfg.eval.max_model_len)
     todo, ids, failed = split_too_long(todo, tokenizer, limit, _item_row)
     generate_and_judge(cfg, spec, todo, writer, cache_dir, prompt_ids=ids, tokenizer=tokenizer, failed=failed)
+    from derta.eval.iterative import run_autodan, run_pair
+
     if "pair" in attack_names(cfg) and "pair" not in cfg.eval.prompt_files:
         run_pair(cfg, spec, done, writer, renderer)
+    if "autodan" in attack_names(cfg) and "autodan" not in cfg.eval.prompt_files:
+        run_autodan(cfg, spec, done, writer, renderer)
     writer.close()
 
     by_key = {**{r["key"]: r for r in failed}, **{r["key"]: r for r in writer.rows}}
-    order = [it.key for it in items] + sorted(k for k in by_key if k.startswith("pair|"))
+    order = [it.key for it in items] + sorted(k for k in by_key if k.startswith(("pair|", "autodan|")))
     rows = [by_key[k] for k in order if k in by_key]
     ok_rows = [r for r in rows if not r.get("error")]
     notes = alpaca_pass(cfg, ok_rows, cache_dir)

@@ -16,6 +16,7 @@ loss, so it runs on the HF engine (derta.eval.engines.HFEngine), driver-side lik
 The paper mutates with an LLM paraphraser; offline, derta uses a fixed synonym table (SYNONYMS),
 so the search is deterministic for a seed. The initial population is the prototype and its
 synonym variants (the paper diversifies its DAN prototype with an LLM the same way).
+Settings: eval.autodan (population, generations, elite, crossover, mutation, target).
 """
 
 from __future__ import annotations
@@ -29,12 +30,7 @@ from typing import Any, Callable, Sequence
 from derta.config import ConfigError
 
 NAME = "autodan"
-IMPLEMENTED = False  # the eval runner does not drive it yet: use hga_search directly (see tests)
-MESSAGE = (
-    "eval.attacks: autodan is not implemented yet in `derta eval` (the AutoDAN-HGA search itself is "
-    "derta.eval.attacks.autodan.hga_search, on the HF engine); remove it from eval.attacks "
-    "(pre-built AutoDAN prompts can be run with eval.prompt_files.direct)"
-)
+IMPLEMENTED = True  # driven by the eval runner (runner.run_autodan), on the HF engine
 
 # A role-play prototype in the spirit of the paper's initial prompt (our wording); [PROMPT] is
 # replaced by the question.
@@ -218,9 +214,46 @@ def engine_fitness(engine: Any, renderer: Any, question: str, target: str) -> Ca
     return fitness
 
 
+def run(questions: list[Any], cfg: Any, engine: Any, judge: Any, renderer: Any) -> list[dict[str, Any]]:
+    """One search per question on `engine` (an HFEngine); the best prompt's greedy reply is the
+    row's response. The search stops early once that reply is judged unsafe."""
+    from derta.eval.attacks import chat_request, eval_cfg
+    from derta.eval.judges import JudgeInput
+
+    e = eval_cfg(cfg)
+    a = e.autodan
+    settings = HGASettings(a.population, a.generations, min(a.elite, a.population - 1), a.crossover, a.mutation,
+                           seed=e.seed)
+    rows = []
+    for q in questions:
+        reply: dict[str, str] = {}
+
+        def answer(prompt: str) -> str:
+            if prompt not in reply:
+                reply[prompt] = engine.generate([chat_request(prompt.replace("[PROMPT]", q.question), e, renderer)])[0]
+            return reply[prompt]
+
+        def success(prompt: str) -> bool:
+            return bool(judge.judge_batch([JudgeInput(q.question, answer(prompt))])[0].unsafe)
+
+        res = hga_search(engine_fitness(engine, renderer, q.question, a.target), settings, success)
+        user = res.best.replace("[PROMPT]", q.question)
+        rows.append({
+            "key": f"{NAME}|{q.id}|", "kind": "safety", "attack": NAME, "qid": q.id, "question": q.question,
+            "prompt": user, "prefill": None, "k": None, "response": answer(res.best),
+            "meta": {"fitness": round(res.best_fitness, 5), "generations": len(res.history),
+                     "stopped_early": res.stopped_early, "history": res.history},
+        })
+    return rows
+
+
 def build(questions: list, cfg: Any, renderer: Any = None) -> list:
-    raise ConfigError(MESSAGE)
+    """AutoDAN prompts are found by search (run, driven by the eval runner): no single pass."""
+    return []
 
 
 def from_prompt_file(uri: str, cfg: Any, renderer: Any = None) -> list:
-    raise ConfigError(MESSAGE)
+    """Pre-found AutoDAN prompts (one {"question": prompt} per line) replayed against the model."""
+    from derta.eval.attacks import file_prompts
+
+    return file_prompts(NAME, uri, cfg, renderer)
