@@ -1,4 +1,4 @@
-"""AutoDAN-HGA (Liu et al. 2024, "AutoDAN: Generating Stealthy Jailbreak Prompts on Aligned Large
+"""AutoDAN-HGA (Liu et al., ICLR 2024, "AutoDAN: Generating Stealthy Jailbreak Prompts on Aligned Large
 Language Models"): a hierarchical genetic search over jailbreak prompts, scored by the target
 model's likelihood of a target reply ("Sure, here is ..."). White-box: it needs the target's
 loss, so it runs on the HF engine (derta.eval.engines.HFEngine), driver-side like PAIR.
@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 from derta.config import ConfigError
 
 NAME = "autodan"
-IMPLEMENTED = True  # driven by the eval runner (runner.run_autodan), on the HF engine
+IMPLEMENTED = True  # driven by the eval runner (eval/iterative.py run_autodan), on the HF engine
 
 # A role-play prototype in the spirit of the paper's initial prompt (our wording); [PROMPT] is
 # replaced by the question.
