@@ -61,8 +61,10 @@ def test_refusal_token_must_be_one_token(tiny_model_dir, tmp_path):
 
 
 def test_unimplemented_attack_and_judge_settings(tiny_model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="autodan is not implemented") as e:
-        check(demo_cfg(tiny_model_dir, tmp_path, "eval.attacks=[prefill, autodan]", "eval.judge=llm"), ("eval",))
+    # AutoDAN is implemented on the HF engine only (it needs the target's likelihoods)
+    with pytest.raises(ConfigError, match="AutoDAN search needs the target's likelihoods") as e:
+        check(demo_cfg(tiny_model_dir, tmp_path, "eval.attacks=[prefill, autodan]", "eval.engine=vllm", "eval.judge=llm"),
+              ("eval",))
     assert "eval.judge_model" in str(e.value)  # every problem in one message
     with pytest.raises(ConfigError, match="eval.judge=http needs both"):
         check(demo_cfg(tiny_model_dir, tmp_path, "eval.judge=http", "eval.judge_model=gpt-4o"), ("eval",))

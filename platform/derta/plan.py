@@ -45,7 +45,6 @@ from derta.config import ExperimentConfig, dump_yaml
 GiB = 1024**3
 HEADROOM = 0.10
 COMPUTE_BYTES = 2  # bf16
-VLLM_MEMORY_UTILIZATION = 0.85  # eval/engines.py EngineSpec.gpu_memory_utilization
 GPUS_PER_NODE = 8  # p5.48xlarge, a3-highgpu-8g, the KubeRay GPU group (clusters/)
 STAGES = ("train", "eval")
 DTYPE_BYTES = {"float32": 4, "bf16": 2, "fp16": 2}
@@ -183,9 +182,9 @@ def estimate_memory(shape: ModelShape, cfg: ExperimentConfig) -> MemoryEstimate:
 
 
 def estimate_eval(shape: ModelShape, cfg: ExperimentConfig, generate: bool = False) -> EvalEstimate:
-    """Inference bytes per GPU for one engine over eval.tensor_parallel GPUs (with
-    generate=True, the batch and new tokens of data.generate)."""
-    t, c = cfg.eval.tensor_parallel, COMPUTE_BYTES
+    """Inference bytes per GPU for one engine over eval.tensor_parallel x eval.pipeline_parallel
+    GPUs (with generate=True, the batch and new tokens of data.generate)."""
+    t, c = cfg.eval.tensor_parallel * cfg.eval.pipeline_parallel, COMPUTE_BYTES
     g = cfg.data.generate if generate and cfg.data.generate else cfg.eval
     kv = 2 * shape.layers * shape.kv_dim * c * (cfg.data.max_len + g.max_new_tokens) * g.batch_size
     return EvalEstimate(c * shape.params / t, kv / t)
@@ -210,7 +209,7 @@ def resources(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, gpus_per_no
         train_gpus=t.workers if (train and t.use_gpu) else 0,
         train_cpus=t.workers * t.cpus_per_worker if train else 0.0,
         eval_actors=cfg.eval.num_actors if evaluate else 0,
-        gpus_per_actor=cfg.eval.tensor_parallel if (evaluate and eval_uses_gpu(cfg)) else 0,
+        gpus_per_actor=cfg.eval.tensor_parallel * cfg.eval.pipeline_parallel if (evaluate and eval_uses_gpu(cfg)) else 0,
         judge_gpus=1 if ("eval" in stages and cfg.eval.judge == "llm" and eval_uses_gpu(cfg)) else 0,
         concurrent_trials=trials,
         gpus_per_node=gpus_per_node,
@@ -226,14 +225,15 @@ def check(plan: Plan, cfg: ExperimentConfig) -> None:
             f"training needs {plan.train.total / GiB:.1f} GiB per GPU > {cfg.train.gpu_memory_gb:g} GiB "
             "(more workers, LoRA, train.fsdp.activation_checkpointing or a smaller train.micro_batch)")
     if plan.eval is not None and r.gpus_per_actor:
-        budget = VLLM_MEMORY_UTILIZATION * limit
+        util = cfg.eval.gpu_memory_utilization
+        budget = util * limit
         if plan.eval.total > budget:
             plan.problems.append(
                 f"an inference engine needs {plan.eval.total / GiB:.1f} GiB per GPU > {budget / GiB:.1f} GiB "
-                f"({VLLM_MEMORY_UTILIZATION:.0%} of {cfg.train.gpu_memory_gb:g}); raise eval.tensor_parallel "
+                f"(eval.gpu_memory_utilization {util:.0%} of {cfg.train.gpu_memory_gb:g}); raise eval.tensor_parallel "
                 "or lower eval.batch_size")
-        if r.gpus_per_actor > r.gpus_per_node:
-            plan.problems.append(f"eval.tensor_parallel={r.gpus_per_actor} spans more than one {r.gpus_per_node}-GPU node")
+        if cfg.eval.tensor_parallel > r.gpus_per_node:  # pipeline stages may span nodes; a TP group may not
+            plan.problems.append(f"eval.tensor_parallel={cfg.eval.tensor_parallel} spans more than one {r.gpus_per_node}-GPU node")
 
 
 def make_plan(cfg: ExperimentConfig, stages: Iterable[str] = STAGES, shape: ModelShape | None = None,

@@ -193,6 +193,9 @@ def _check_eval(cfg: ExperimentConfig, problems: list[str]) -> None:
         module = get_attack(name)
         if not getattr(module, "IMPLEMENTED", True):
             problems.append(module.MESSAGE)
+    if "autodan" in e.attacks and "autodan" not in e.prompt_files and (e.engine == "vllm" or uses_vllm(cfg)):
+        problems.append("eval.attacks=autodan: the AutoDAN search needs the target's likelihoods from the HF engine; "
+                        "set eval.engine=hf (or replay pre-found prompts with eval.prompt_files.autodan)")
     for b in dict.fromkeys(e.helpfulness):
         if b in FILE_BENCHMARKS and not e.helpfulness_files.get(b):
             problems.append(f"eval.helpfulness includes {b!r}: set eval.helpfulness_files.{b} to its JSONL file")

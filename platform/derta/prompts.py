@@ -121,6 +121,20 @@ def prefill_ids(template: str, tokenizer: Any, harmful: str, k: int) -> list[int
     return assistant_ids(template, tokenizer, harmful)[: max(0, k)]
 
 
+def conversation_ids(tokenizer: Any, messages: Sequence[dict[str, str]], key: str = "eval.judge_model",
+                     add_generation_prompt: bool = False) -> list[int]:
+    """A whole conversation (system / user / assistant turns) through the tokenizer's own chat
+    template, as ids: how a classifier that judges a reply (Llama Guard) is prompted. Llama Guard's
+    template ends with its own instruction to assess the last turn, so by default no generation
+    prompt is added; a rubric judge (StrongREJECT) asks for one."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{key}: the classifier's tokenizer has no chat template to render the conversation with")
+    ids = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=add_generation_prompt)
+    if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
 # --------------------------------------------------------------------------- bound
 @dataclass(frozen=True)
 class Renderer:

@@ -42,7 +42,7 @@ SWAPPED = frozenset({
     "tune.num_samples", "tune.max_concurrent_trials", "tune.proxy_samples", "tune.top_n_full_eval",
     "eval.engine", "eval.questions", "eval.prompt_files", "eval.helpfulness_files", "eval.judge_model",
     "eval.pair.attacker_model", "eval.pair.attacker_max_new_tokens", "eval.limit", "eval.max_new_tokens",
-    "eval.batch_size", "eval.num_actors", "eval.tensor_parallel",
+    "eval.batch_size", "eval.num_actors", "eval.tensor_parallel", "eval.pipeline_parallel",
     "storage.root", "tracking.uri", "ray.address", "ray.num_cpus",
 })
 
@@ -151,7 +151,7 @@ def twin_swaps(cfg: ExperimentConfig, data_dir: str | Path, root: str, tracking_
         "tune.proxy_samples": min(cfg.tune.proxy_samples, 16), "tune.top_n_full_eval": min(cfg.tune.top_n_full_eval, 1),
         "eval.engine": "hf", "eval.limit": min(e.limit or EVAL_LIMIT, EVAL_LIMIT),
         "eval.max_new_tokens": min(e.max_new_tokens, MAX_NEW_TOKENS), "eval.batch_size": min(e.batch_size, 16),
-        "eval.num_actors": 1, "eval.tensor_parallel": 1,
+        "eval.num_actors": 1, "eval.tensor_parallel": 1, "eval.pipeline_parallel": 1,
         "storage.root": root, "tracking.uri": tracking_uri, "ray.address": None, "ray.num_cpus": None,
     }
     if e.judge_model and e.judge == "llm":

@@ -143,6 +143,7 @@ class EngineSpec:
     dtype: str = "auto"
     use_gpu: bool = False
     tensor_parallel: int = 1
+    pipeline_parallel: int = 1
     batch_size: int = 16
     seed: int = 0
     max_model_len: int | None = None
@@ -151,10 +152,10 @@ class EngineSpec:
 
     @property
     def num_gpus(self) -> float:
-        """GPUs per engine: tensor_parallel for vLLM; HF runs on one device."""
+        """GPUs per engine: tensor_parallel x pipeline_parallel for vLLM; HF runs on one device."""
         if not self.use_gpu:
             return 0.0
-        return float(self.tensor_parallel) if self.kind == "vllm" else 1.0
+        return float(self.tensor_parallel * self.pipeline_parallel) if self.kind == "vllm" else 1.0
 
 
 def vllm_available() -> bool:
@@ -196,7 +197,8 @@ def spec_from_config(cfg: ExperimentConfig, model: str) -> EngineSpec:
     kind, gpu = choose_engine(cfg.eval.engine)
     return EngineSpec(
         model=model, kind=kind, dtype=cfg.model.dtype, use_gpu=gpu, tensor_parallel=cfg.eval.tensor_parallel,
-        batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+        pipeline_parallel=cfg.eval.pipeline_parallel, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+        max_model_len=cfg.eval.max_model_len, gpu_memory_utilization=cfg.eval.gpu_memory_utilization,
     )
 
 
@@ -297,6 +299,7 @@ class VLLMEngine:
         self.tokenizer = load_eval_tokenizer(spec.model)
         kwargs: dict[str, Any] = dict(
             model=base, tokenizer=_tokenizer_dir(base, adapter), tensor_parallel_size=spec.tensor_parallel,
+            pipeline_parallel_size=spec.pipeline_parallel,
             dtype={"auto": "auto", "float32": "float32", "bf16": "bfloat16", "fp16": "float16"}[spec.dtype],
             seed=spec.seed, gpu_memory_utilization=spec.gpu_memory_utilization, enable_lora=adapter is not None,
         )

@@ -8,7 +8,8 @@ Accepted input (one item per line, or one JSON array of items):
   continuation ("... Step 1:<continuation>"), or a PAIR summary ("Goal: ... Example Jailbreak
   RESPONSE: ..." / "No jailbreaks achieved.").
 Attack-wrapped questions (CodeAttack stacks, SelfCipher demonstrations) are unwrapped to the plain
-question for the relevance check. Bad lines raise ConfigError naming file:line.
+question for the relevance check. Items with a "reference" (or "harmful") field, a known harmful
+answer, are judged by the reference judge (derta.eval.reference_judge). Bad lines raise ConfigError naming file:line.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from derta import storage
 from derta.config import ConfigError
 from derta.eval.judges import JudgeInput, RefusalJudge, make_judge
 from derta.eval.metrics import refusal_position_stats
+from derta.eval.reference_judge import ReferenceJudge
 
 Q_KEYS = ("question", "instruction", "prompt", "goal", "input", "query")
 R_KEYS = ("response", "output", "completion", "generation", "answer")
+REF_KEYS = ("reference", "harmful", "harmful_response")  # a known harmful answer (reference judge)
 
 _INST_END = re.compile(r"\[(?:/|\\)INST\]")
 _LLAMA3_ASSISTANT = "<|start_header_id|>assistant<|end_header_id|>"
@@ -109,13 +112,14 @@ def judge_file(input_path: str, output_path: str | None = None, judge: str = "re
     """Judge every item; with output_path write one JSONL row per input (its fields + unsafe,
     unsafe_lenient, refusal_pos, judge). Returns the summary (ASR etc.)."""
     items = read_items(input_path)
+    refs = [next((f[k] for k in REF_KEYS if isinstance(f.get(k), str) and f[k].strip()), "") for _, f, _, _ in items]
     if judge == "refusal":
-        j = RefusalJudge()
+        j = ReferenceJudge() if any(refs) else RefusalJudge()
     else:
         if cfg is None:
             raise ConfigError(f"derta judge --judge {judge}: needs --config with the eval.judge_* settings")
         j = make_judge(cfg.eval.model_copy(update={"judge": judge}))
-    inputs = [JudgeInput(plain_question(q), r, prompt=q) for _, _, q, r in items]
+    inputs = [JudgeInput(plain_question(q), r, prompt=q, reference=ref) for (_, _, q, r), ref in zip(items, refs)]
     results = j.judge_batch(inputs)
     rows = []
     for (_, fields, _, _), res in zip(items, results):

@@ -1,7 +1,10 @@
 """The evaluation stage: prompts -> generations -> judgements -> metrics, as a Ray Data pipeline.
 
-    items (attack prompts + helpfulness requests, minus those already in the partial file)
-      -> map_batches(EngineUDF, actor pool of eval.num_actors engines, batch eval.batch_size)
+    items (attack prompts + helpfulness requests, minus those already in the partial file, minus
+           prompts longer than the engine's context: counted, derta.eval.failures)
+      -> HF:   map_batches(EngineUDF, actor pool of eval.num_actors engines, batch eval.batch_size)
+         vLLM: ray.data.llm's processor (derta.eval.ray_llm) over derta-rendered token ids;
+               rows whose inference fails are counted (metrics.json failed_rows), not judged
       -> map_batches(JudgeUDF)            judge verdicts, refusal positions, helpfulness scores
       -> streamed to <run>/eval/generations.jsonl.partial as batches finish (resume point)
     then PAIR (iterative, driver loop over engine actors), the AlpacaEval pairwise pass (if any),
@@ -27,8 +30,9 @@ from derta import storage
 from derta.config import ConfigError, ExperimentConfig
 from derta.eval import helpfulness as hf
 from derta.eval.attacks import AttackPrompt, get_attack, load_questions
-from derta.eval.engines import EngineSpec, engine_actor, load_eval_tokenizer, map_generate, spec_from_config
+from derta.eval.engines import EngineSpec, load_eval_tokenizer, map_generate, spec_from_config
 from derta.eval.judges import JudgeInput, RefusalJudge, agreement, make_judge
+from derta.eval.failures import context_limit, failure_counts, split_too_long
 from derta.eval.metrics import compute_metrics
 from derta.prompts import Renderer, eval_renderer
 
@@ -54,6 +58,7 @@ def _item_row(it: AttackPrompt | hf.HelpItem) -> dict[str, Any]:
         return {
             "key": it.key, "kind": "safety", "attack": it.attack, "qid": it.qid, "question": it.question,
             "prompt": it.request.display(), "prefill": it.prefill, "k": it.k, "meta": it.meta,
+            **({"reference": it.reference} if it.reference else {}),
         }
     return {
         "key": it.key, "kind": "helpfulness", "attack": it.benchmark, "qid": it.id, "question": it.question,
@@ -79,14 +84,12 @@ def collect_items(cfg: ExperimentConfig, tokenizer: Any = None, renderer: Render
     names = attack_names(cfg)
     for a in names:
         get_attack(a)
-    if "autodan" in names:
-        get_attack("autodan").build([], e)  # raises the documented ConfigError
     need_questions = any(a not in e.prompt_files for a in names)
     questions = load_questions(e.questions, e.limit) if need_questions else []
     items: list[AttackPrompt | hf.HelpItem] = []
     for a in names:
-        if a == "pair" and a not in e.prompt_files:
-            continue  # iterative: run_pair
+        if a in ("pair", "autodan") and a not in e.prompt_files:
+            continue  # iterative: run_pair / run_autodan
         mod = get_attack(a)
         if a in e.prompt_files:
             items += mod.from_prompt_file(e.prompt_files[a], e, renderer)
@@ -105,20 +108,25 @@ def collect_items(cfg: ExperimentConfig, tokenizer: Any = None, renderer: Render
 # --------------------------------------------------------------------------- judging (pure + UDF)
 def judge_rows(rows: list[dict[str, Any]], judge: Any, pattern: RefusalJudge | None = None) -> list[dict[str, Any]]:
     """Fill verdicts (safety rows) and scores (helpfulness rows) in place; returns rows."""
-    safety = [r for r in rows if r["kind"] == "safety"]
+    safety = [r for r in rows if r["kind"] == "safety" and not r.get("error")]
     if safety:
-        inputs = [JudgeInput(r["question"], r["response"], r.get("prompt") or "", r.get("prefill") or "") for r in safety]
+        inputs = [JudgeInput(r["question"], r["response"], r.get("prompt") or "", r.get("prefill") or "",
+                             r.get("reference") or "") for r in safety]
         results = judge.judge_batch(inputs)
-        base = pattern.judge_batch(inputs) if pattern is not None and getattr(judge, "name", "") != "refusal" else None
+        base = pattern.judge_batch(inputs) if pattern is not None and getattr(judge, "name", "") not in ("refusal", "reference") else None
         for i, (r, res) in enumerate(zip(safety, results)):
             r.update(
                 unsafe=res.unsafe, unsafe_lenient=res.unsafe_lenient, refused=res.refused, refusal_pos=res.refusal_pos,
                 content_before_refusal=res.content_before_refusal, judge=res.judge, reason=res.reason,
             )
+            if res.score is not None:
+                r["judge_score"] = res.score
             if base is not None:
                 r["unsafe_refusal"] = base[i].unsafe
     for r in rows:
-        if r["kind"] == "helpfulness":
+        if r.get("error"):
+            r.update(unsafe=None, refusal_pos=None, judge=None)
+        elif r["kind"] == "helpfulness":
             r.update(unsafe=None, refusal_pos=None, judge=None)
             r.update(hf.score(r["attack"], r["response"], r.get("reference")))
     return rows
@@ -128,9 +136,12 @@ def _judge_records(batch: dict[str, Any], judge: Any, pattern: RefusalJudge) -> 
     import numpy as np
 
     rows = []
-    for meta, resp in zip(batch["row"], batch["response"]):
+    errors = batch["error"] if "error" in batch else [""] * len(batch["row"])
+    for meta, resp, err in zip(batch["row"], batch["response"], errors):
         r = json.loads(str(meta))
         r["response"] = str(resp)
+        if err:
+            r["error"] = str(err)
         rows.append(r)
     judge_rows(rows, judge, pattern)
     return {"key": np.array([r["key"] for r in rows], dtype=object),
@@ -210,16 +221,32 @@ class PartialWriter:
 # --------------------------------------------------------------------------- pipeline
 def generate_and_judge(
     cfg: ExperimentConfig, spec: EngineSpec, items: list[Any], writer: PartialWriter, cache_dir: str | None,
+    prompt_ids: list[list[int]] | None = None, tokenizer: Any = None, failed: list[dict[str, Any]] | None = None,
 ) -> int:
-    """Run the Ray Data pipeline over items; rows stream into the writer. Returns rows written."""
+    """Run the Ray Data pipeline over items; rows stream into the writer (rows whose inference
+    failed go to `failed`, never to the resume file, so a resume retries them). HF: an actor pool of
+    EngineUDFs; vLLM: ray.data.llm's processor (derta.eval.ray_llm) fed derta's token ids
+    (`prompt_ids`, rendered by the caller). Returns rows written."""
     import ray
 
     if not items:
         return 0
     e = cfg.eval
     records = [{"key": it.key, "request": it.request.to_json(), "row": json.dumps(_item_row(it))} for it in items]
-    ds = ray.data.from_items(records, override_num_blocks=max(1, min(len(records) // max(1, e.batch_size), 64)))
-    ds = map_generate(ds, spec, num_actors=e.num_actors, batch_size=e.batch_size)
+    blocks = max(1, min(len(records) // max(1, e.batch_size), 64))
+    if spec.kind == "vllm":
+        from derta.eval import ray_llm
+        from derta.eval.engines import render_prompt_ids, split_model_ref, stop_token_ids
+
+        tok = tokenizer if tokenizer is not None else load_eval_tokenizer(spec.model)
+        ids = prompt_ids if prompt_ids is not None else [render_prompt_ids(tok, it.request) for it in items]
+        lora_model, _ = ray_llm.lora_route(spec.model, split_model_ref(spec.model)[1])
+        rows_in = ray_llm.to_rows(records, ids, [it.request for it in items], stop_token_ids(tok), lora_model)
+        ds = ray.data.from_items(rows_in, override_num_blocks=blocks)
+        ds = ray_llm.generate(ds, spec, num_actors=e.num_actors, continue_on_error=e.continue_on_error)
+    else:
+        ds = ray.data.from_items(records, override_num_blocks=blocks)
+        ds = map_generate(ds, spec, num_actors=e.num_actors, batch_size=e.batch_size)
     judge_kwargs = {"eval_cfg": e.model_dump(mode="json"), "cache_dir": cache_dir}
     if e.judge == "llm":
         from ray.data import ActorPoolStrategy
@@ -237,12 +264,17 @@ def generate_and_judge(
     last = t0
     for batch in ds.iter_batches(batch_size=e.batch_size, batch_format="numpy"):
         rows = [json.loads(str(x)) for x in batch["row"]]
+        bad = [r for r in rows if r.get("error")]
+        if bad and failed is not None:
+            failed += bad
+        rows = [r for r in rows if not r.get("error")]
         writer.add(rows)
+        done += len(bad)
         done += len(rows)
         now = time.monotonic()
         for attack in sorted({str(r.get("attack")) for r in rows}):
             n = sum(str(r.get("attack")) == attack for r in rows)
-            telemetry.record_generations(attack, n, seconds=(now - last) * n / len(rows))
+            telemetry.record_generations(attack, n, seconds=(now - last) * n / max(1, len(rows)))
         telemetry.record_judged_rows(rows)
         last = now
         rate = done / max(1e-9, time.monotonic() - t0)
@@ -278,35 +310,6 @@ def alpaca_pass(cfg: ExperimentConfig, rows: list[dict[str, Any]], cache_dir: st
     return {}
 
 
-def run_pair(cfg: ExperimentConfig, spec: EngineSpec, done: dict[str, Any], writer: PartialWriter,
-             renderer: Renderer) -> None:
-    """PAIR is a driver-side loop (attacker -> target -> judge, batched per round). On GPU the
-    target and attacker are EngineActors (each with its own GPUs); on CPU they are engines in this
-    process, which avoids starting more workers for a CPU-sized model."""
-    from derta.eval.attacks import pair
-    from derta.eval.engines import RemoteEngine, make_engine
-
-    questions = load_questions(cfg.eval.questions, cfg.eval.limit)
-    todo = [q for q in questions if f"pair|{q.id}|" not in done]
-    if not todo:
-        return
-    settings = pair.PairSettings.from_config(cfg)
-    att_spec = EngineSpec(**{**spec.__dict__, "model": settings.attacker_model or spec.model})
-    if spec.use_gpu:
-        target = RemoteEngine(engine_actor(spec))
-        attacker = target if att_spec.model == spec.model else RemoteEngine(engine_actor(att_spec))
-    else:
-        target = make_engine(spec)
-        attacker = target if att_spec.model == spec.model else make_engine(att_spec)
-    # the attacker is the target (same renderer) or its own model, prompted in its chat template
-    att_renderer = renderer if att_spec.model == spec.model else Renderer.make(
-        "chat_template", load_eval_tokenizer(att_spec.model), "eval.pair.attacker_model")
-    judge = make_judge(cfg.eval, cache_dir=None)
-    rows = pair.run(todo, cfg.eval, target, attacker, judge, settings, renderer=renderer, attacker_renderer=att_renderer)
-    judge_rows(rows, judge, RefusalJudge())
-    writer.add(rows)
-
-
 # --------------------------------------------------------------------------- entry
 def evaluate(cfg: ExperimentConfig, paths: Any, model_dir: str | None = None, tracking: Any = None) -> EvalResult:
     """Evaluate a model (a run's model dir, a local path, builtin:tiny or s3://): safety attacks,
@@ -326,19 +329,27 @@ def evaluate(cfg: ExperimentConfig, paths: Any, model_dir: str | None = None, tr
     done = writer.load()
     todo = [it for it in items if it.key not in done]
     log.info("eval: %d prompts (%d already done), engine=%s, model=%s", len(items), len(items) - len(todo), spec.kind, model)
-    generate_and_judge(cfg, spec, todo, writer, cache_dir)
+    limit = context_limit(model, cfg.eval.max_model_len)
+    todo, ids, failed = split_too_long(todo, tokenizer, limit, _item_row)
+    generate_and_judge(cfg, spec, todo, writer, cache_dir, prompt_ids=ids, tokenizer=tokenizer, failed=failed)
+    from derta.eval.iterative import run_autodan, run_pair
+
     if "pair" in attack_names(cfg) and "pair" not in cfg.eval.prompt_files:
         run_pair(cfg, spec, done, writer, renderer)
+    if "autodan" in attack_names(cfg) and "autodan" not in cfg.eval.prompt_files:
+        run_autodan(cfg, spec, done, writer, renderer)
     writer.close()
 
-    by_key = {r["key"]: r for r in writer.rows}
-    order = [it.key for it in items] + sorted(k for k in by_key if k.startswith("pair|"))
+    by_key = {**{r["key"]: r for r in failed}, **{r["key"]: r for r in writer.rows}}
+    order = [it.key for it in items] + sorted(k for k in by_key if k.startswith(("pair|", "autodan|")))
     rows = [by_key[k] for k in order if k in by_key]
-    notes = alpaca_pass(cfg, rows, cache_dir)
+    ok_rows = [r for r in rows if not r.get("error")]
+    notes = alpaca_pass(cfg, ok_rows, cache_dir)
 
-    metrics = compute_metrics(rows, position_unit="word")
+    metrics = compute_metrics(ok_rows, position_unit="word")
+    metrics.update(failure_counts(rows, limit))
     if cfg.eval.judge != "refusal":
-        pairs = [(r["unsafe"], r["unsafe_refusal"]) for r in rows if r["kind"] == "safety" and "unsafe_refusal" in r]
+        pairs = [(r["unsafe"], r["unsafe_refusal"]) for r in ok_rows if r["kind"] == "safety" and "unsafe_refusal" in r]
         metrics["judge_agreement"] = {"judges": [cfg.eval.judge, "refusal"], **agreement(*zip(*pairs))} if pairs else None
     metrics["judge"] = cfg.eval.judge
     metrics["engine"] = spec.kind
@@ -377,7 +388,8 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
                     continue
                 walk(f"{prefix}.{k}", x)
 
-    for k in ("asr", "asr_mean", "asr_lenient", "asr_by_k", "refusal_position", "helpfulness", "over_refusal", "judge_agreement"):
+    for k in ("asr", "asr_mean", "asr_lenient", "asr_by_k", "refusal_position", "helpfulness", "over_refusal", "judge_agreement", "judge_score",
+              "failed_rows", "too_long"):
         walk(f"eval.{k}", metrics.get(k))
     hist = (metrics.get("refusal_position") or {}).get("histogram") or {}
     for b, c in hist.items():

@@ -40,6 +40,7 @@ class AttackPrompt:
     request: GenRequest
     k: int | None = None  # prefill length in tokens (prefill attack only)
     prefill: str | None = None  # the prefilled text, for the record
+    reference: str | None = None  # a known harmful answer (the prefill's source): the reference judge
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property

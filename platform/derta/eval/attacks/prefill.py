@@ -33,11 +33,13 @@ def build(questions: list[Question], cfg: Any, renderer: Any = None) -> list[Att
     for q in usable:
         for k in e.prefill_k:
             if k <= 0:
-                out.append(AttackPrompt(NAME, q.id, q.question, chat_request(q.question, e, renderer), k=0, prefill=""))
+                out.append(AttackPrompt(NAME, q.id, q.question, chat_request(q.question, e, renderer), k=0, prefill="",
+                                       reference=q.harmful))
                 continue
             ids = renderer.prefill_ids(q.harmful, k)
             req = chat_request(q.question, e, renderer, prefill_ids=ids)
-            out.append(AttackPrompt(NAME, q.id, q.question, req, k=k, prefill=renderer.tokenizer.decode(ids)))
+            out.append(AttackPrompt(NAME, q.id, q.question, req, k=k, prefill=renderer.tokenizer.decode(ids),
+                                   reference=q.harmful))
     return out
 
 
