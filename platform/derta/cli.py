@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 2 bad config or input (the message names the file/field; derta.preflight
 checks the model, tokenizer, data, attacks, judges, GPUs and storage at load, before Ray), 1 a
-failure while running or a plan that does not fit.
+failure while running (the last stderr line names the original error, also one raised inside a
+Ray actor or worker) or a plan that does not fit, 130 interrupted (Ctrl+C).
 """
 
 from __future__ import annotations
@@ -132,15 +133,36 @@ def main(argv: list[str] | None = None) -> int:
         print(redact_text(f"derta: error: {e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("derta: interrupted", file=sys.stderr)
-        return 1
+        # One line, no traceback: the stages' MLflow runs were marked KILLED on the way out.
+        print("derta: interrupted (Ctrl+C); its open MLflow runs are marked KILLED; run the same command again "
+              "to resume", file=sys.stderr)
+        return INTERRUPTED
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
         print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
-        print(redact_text(f"derta: failed: {type(e).__name__}: {e}"), file=sys.stderr)
+        cause = root_cause(e)
+        print(redact_text(f"derta: failed: {type(cause).__name__}: {cause}".splitlines()[0]), file=sys.stderr)
         return 1
     return 0
+
+
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl+C
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The error that started it: Ray wraps an exception raised in an actor or worker (a
+    RayTaskError's `cause`, Ray Train's per-worker failures, chained `__cause__`)."""
+    seen: set[int] = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        failures = getattr(e, "worker_failures", None)  # ray.train.WorkerGroupError
+        nxt = next(iter(failures.values()), None) if isinstance(failures, dict) and failures else None
+        nxt = nxt or getattr(e, "cause", None) or e.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        e = nxt
+    return e
 
 
 if __name__ == "__main__":
