@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from derta.cli import root_cause
+from derta.cli import original_error, root_cause
 
 FAIL_BOUND_S = 240  # from start to exit 1, Ray start included, on a loaded 2-core box
 INT_BOUND_S = 90  # from SIGINT to exit 130
@@ -56,6 +56,21 @@ def test_root_cause_unwraps_ray_errors():
         assert root_cause(e) is original
     plain = KeyError("x")
     assert root_cause(plain) is plain
+
+
+def test_original_error_reads_a_chain_ray_sent_as_text():
+    """Ray Data raises UserCodeException `from` the UDF's error inside the actor; the driver
+    gets the wrapper (its __cause__ is not pickled) and the remote traceback as text."""
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    tb = ("Traceback (most recent call last):\n  File \"pipeline.py\", line 69, in __call__\n"
+          "derta.faults.InjectedFault: DERTA_FAULT=data: injected failure\n\n"
+          "The above exception was the direct cause of the following exception:\n\n"
+          "ray::MapWorker()\nray.exceptions.UserCodeException: UDF failed to process a data block.\n")
+    err = RayTaskError("submit", tb, UserCodeException("UDF failed to process a data block."))
+    assert original_error(err.as_instanceof_cause()) == "derta.faults.InjectedFault: DERTA_FAULT=data: injected failure"
+    assert original_error(err) == "derta.faults.InjectedFault: DERTA_FAULT=data: injected failure"
+    assert original_error(ValueError("bad row 7\nmore")) == "ValueError: bad row 7"
 
 
 def test_stale_shard_directories_go_even_when_empty(tmp_path):

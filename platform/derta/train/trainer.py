@@ -244,6 +244,9 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     return TrainResult(model_dir=paths.model, steps=steps, final_metrics=metrics)
 
 
+ABORT_WAIT_S = 5.0  # Ctrl+C: how long the driver waits for Ray Train's controller to abort
+
+
 def interruptible_trainer_class(base: type) -> type:
     """`base` whose Ctrl+C aborts the Train run and raises KeyboardInterrupt in the driver.
 
@@ -264,8 +267,9 @@ def interruptible_trainer_class(base: type) -> type:
 
             def on_sigint(signum, frame):
                 signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
-                try:
-                    ray.get(controller.abort.remote(), timeout=60)
+                try:  # a controller busy starting workers answers late; it is the driver's
+                    # actor and goes with it anyway, so the abort is not waited for long
+                    ray.get(controller.abort.remote(), timeout=ABORT_WAIT_S)
                 except Exception:  # noqa: BLE001 - the controller exits while aborting
                     pass
                 raise KeyboardInterrupt
