@@ -112,6 +112,35 @@ def test_nested_runs_and_statuses(sqlite_tracker):
     assert c.get_run(child0).data.metrics == {"proxy_score": 0.5}
 
 
+def test_reuse_reopens_one_run_and_kills_its_stale_children(sqlite_tracker):
+    """A resumed run reopens its MLflow run (same name, parent and reuse tags) instead of
+    creating a second; children a killed process left RUNNING are marked KILLED."""
+    t, c = sqlite_tracker, sqlite_tracker.client
+    key = {"verb": "run", "run_dir": "/runs/r-reuse"}
+    with t.run("r-reuse", tags=key, reuse=key) as first:
+        t.log_params({"train": {"lr": 0.1}, "ray": {"num_cpus": 2}})
+        orphan = t.start_run("data", parent_run_id=first)  # its process "dies": never ended
+        t._stack.remove(orphan)
+    assert c.get_run(orphan).info.status == "RUNNING"
+    with pytest.raises(KeyboardInterrupt):
+        with t.run("r-reuse", tags=key, reuse=key) as second:
+            assert second == first and c.get_run(first).info.status == "RUNNING"
+            t.log_params({"train": {"lr": 0.1}, "ray": {"num_cpus": 3}, "new": 1}, new_only=True)
+            raise KeyboardInterrupt
+    assert c.get_run(first).info.status == "KILLED" and c.get_run(orphan).info.status == "KILLED"
+    assert c.get_run(first).data.params["ray.num_cpus"] == "2" and c.get_run(first).data.params["new"] == "1"
+    elsewhere = {**key, "run_dir": "/runs/other"}
+    with t.run("r-reuse", tags=elsewhere, reuse=elsewhere) as other:  # another directory
+        pass
+    with t.run("r-reuse", tags=key, reuse=key, parent_run_id=other) as nested:  # another parent
+        pass
+    assert len({first, other, nested}) == 3
+    with t.run("r-reuse", reuse=key) as third:
+        pass
+    assert third == first and c.get_run(first).info.status == "FINISHED"
+    assert len(c.search_runs([t.experiment_id], "attributes.run_name = 'r-reuse'")) == 3
+
+
 def test_misuse_is_reported(sqlite_tracker):
     with pytest.raises(RuntimeError, match="no active MLflow run"):
         sqlite_tracker.log_metrics({"x": 1})

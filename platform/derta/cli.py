@@ -2,12 +2,14 @@
 
 Exit codes: 0 success, 2 bad config or input (the message names the file/field; derta.preflight
 checks the model, tokenizer, data, attacks, judges, GPUs and storage at load, before Ray), 1 a
-failure while running or a plan that does not fit.
+failure while running (the last stderr line names the original error, also one raised inside a
+Ray actor or worker) or a plan that does not fit, 130 interrupted (Ctrl+C).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import traceback
 from typing import Callable
@@ -132,15 +134,57 @@ def main(argv: list[str] | None = None) -> int:
         print(redact_text(f"derta: error: {e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("derta: interrupted", file=sys.stderr)
-        return 1
+        # One line, no traceback: the stages' MLflow runs were marked KILLED on the way out.
+        print("derta: interrupted (Ctrl+C); its open MLflow runs are marked KILLED; run the same command again "
+              "to resume", file=sys.stderr)
+        return INTERRUPTED
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
         print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
-        print(redact_text(f"derta: failed: {type(e).__name__}: {e}"), file=sys.stderr)
+        print(redact_text(f"derta: failed: {original_error(e)}"), file=sys.stderr)
         return 1
     return 0
+
+
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl+C
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """e and what it wraps, outermost first: a RayTaskError's `cause`, Ray Train's per-worker
+    failures (WorkerGroupError.worker_failures), chained `__cause__`."""
+    out: list[BaseException] = []
+    while isinstance(e, BaseException) and all(e is not x for x in out):
+        out.append(e)
+        failures = getattr(e, "worker_failures", None)
+        nxt = next(iter(failures.values()), None) if isinstance(failures, dict) and failures else None
+        e = nxt or getattr(e, "cause", None) or e.__cause__
+    return out
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost error object Ray handed back for e."""
+    return _chain(e)[-1]
+
+
+_CHAINED = re.compile(r"\n\s*(The above exception was the direct cause of the following exception|"
+                      r"During handling of the above exception, another exception occurred):\s*\n")
+
+
+def original_error(e: BaseException) -> str:
+    """'Type: message' (first line) of the error that started it. An exception chained inside
+    a Ray actor (Ray Data wraps a UDF's error in UserCodeException `from` it) reaches the
+    driver as text only, Ray pickles the wrapper without its __cause__: then the first error of
+    the remote traceback is the original."""
+    for err in _chain(e):
+        tb = getattr(err, "traceback_str", None) or str(err)  # Ray's errors print the remote traceback
+        if isinstance(tb, str) and _CHAINED.search(tb):
+            first = [ln.strip() for ln in _CHAINED.split(tb, maxsplit=1)[0].splitlines() if ln.strip()]
+            if first:
+                return first[-1]
+    cause = root_cause(e)
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
 
 
 if __name__ == "__main__":

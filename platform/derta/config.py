@@ -516,10 +516,15 @@ def is_secret_key(key: str) -> bool:
     return last.lower() not in _NOT_SECRET_KEYS and bool(_SECRET_KEY.search(last))
 
 
+def is_secret_env(name: str) -> bool:
+    """A secret-looking environment variable name (AWS_SECRET_ACCESS_KEY, HF_TOKEN, ...)."""
+    return bool(_ENV_SECRET.search(name))
+
+
 def _env_secrets() -> list[str]:
     """Values of secret-looking environment variables (AWS_SECRET_ACCESS_KEY, HF_TOKEN, ...):
     replaced wherever they appear in text, e.g. inside a library's error message."""
-    vals = {v for k, v in os.environ.items() if _ENV_SECRET.search(k) and len(v) >= 6}
+    vals = {v for k, v in os.environ.items() if is_secret_env(k) and len(v) >= 6}
     return sorted(vals, key=len, reverse=True)
 
 

@@ -83,12 +83,13 @@ def _tags(cfg: ExperimentConfig) -> dict[str, Any]:
 def parent_run(cfg: ExperimentConfig, paths: RunPaths, verb: str, parent_run_id: str | None = None,
                 tracker: Tracker | None = None) -> Iterator[tuple[Tracker, str | None]]:
     """The run that holds a verb's stages (nested under parent_run_id when an experiment runs
-    several): the config is written to the run directory and logged as params."""
+    several): the config is written to the run directory and logged as params. The same verb
+    on the same run directory again (a resumed run) reopens that MLflow run: one per run name."""
     tracker = tracker or make_tracker(cfg)
     storage.write_text(paths.config, dump_yaml(cfg.redacted()))
-    with tracker.run(paths.name, parent_run_id=parent_run_id,
-                     tags={**_tags(cfg), "verb": verb, "run_dir": paths.dir}) as run_id:
-        tracker.log_params(cfg.redacted())
+    with tracker.run(paths.name, parent_run_id=parent_run_id, tags={**_tags(cfg), "verb": verb, "run_dir": paths.dir},
+                     reuse={"verb": verb, "run_dir": paths.dir}) as run_id:
+        tracker.log_params(cfg.redacted(), new_only=True)
         tracker.log_artifact(paths.config)
         yield tracker, run_id
 

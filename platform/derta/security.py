@@ -5,6 +5,7 @@
   cluster's in-memory key-value store. Ray Train and Tune pickle their run configs into
   trainer.pkl / tuner.pkl under the run directory; a sealed value pickles as its key only.
 * `RedactingConsole`: every printed line (tracking URI, run directory, error text) redacted.
+* `keep_secrets_out_of_tune_runtime_envs`: Ray Tune's own copy of AWS keys into runtime envs off.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Iterator
 
 from rich.console import Console
 
-from derta.config import redact_text
+from derta.config import is_secret_env, redact_text
 
 KV_NAMESPACE = "derta-sealed"
 
@@ -76,6 +77,20 @@ def sealed(mapping: dict[str, Any], keys: tuple[str, ...]) -> Iterator[dict[str,
 
 def unseal_keys(mapping: dict[str, Any]) -> dict[str, Any]:
     return {k: unseal(v) for k, v in mapping.items()}
+
+
+def keep_secrets_out_of_tune_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS_SECRET_ACCESS_KEY / session token into every trial
+    actor's runtime env, and Ray's runtime-env agent writes runtime envs to its log file in the
+    session directory. Dropped here: trials get the driver's settings sealed (run_tune), and
+    nodes otherwise use their own credential chain (env, profile, instance role)."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # Ray moved it: nothing to drop
+        return
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if names is not None:
+        class_cache.ENV_VARS_TO_PROPAGATE = {n for n in names if not is_secret_env(n)}
 
 
 class RedactingConsole(Console):

@@ -254,6 +254,41 @@ class Tracker:
         self.client.set_terminated(self._run_id(), status=status)
         self._stack.pop()
 
+    def find_run(self, run_name: str, match: Mapping[str, Any], parent_run_id: str | None = None) -> str | None:
+        """The newest run named run_name whose tags hold every `match` item and whose parent is
+        parent_run_id (None: a top-level run); None when there is none."""
+        if not self.enabled or "'" in run_name or "\\" in run_name:  # never in a run name (one path segment)
+            return None
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
+                                       order_by=["attributes.start_time DESC"], max_results=100)
+        want = {k: _to_str(v, MAX_TAG_VALUE) for k, v in redact(dict(match)).items()}
+        for r in runs:
+            tags = r.data.tags
+            if tags.get("mlflow.parentRunId") == parent_run_id and all(tags.get(k) == v for k, v in want.items()):
+                return r.info.run_id
+        return None
+
+    def reopen_run(self, run_id: str, tags: Mapping[str, Any] | None = None) -> str:
+        """Make an existing run the active one again (status RUNNING). Its children a killed
+        process left RUNNING (SIGKILL, a lost node: nobody closed them) are marked KILLED."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.close_stale_children(run_id)
+        self._stack.append(run_id)
+        if tags:
+            self.set_tags(tags)
+        return run_id
+
+    def close_stale_children(self, run_id: str) -> list[str]:
+        """Mark the RUNNING child runs of run_id KILLED; returns their ids. Called when run_id is
+        reopened, so no process of this tracker's run can still be writing to them."""
+        stale = self.client.search_runs(
+            [self.experiment_id], max_results=1000,
+            filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'")
+        for r in stale:
+            self.close_stale_children(r.info.run_id)
+            self.client.set_terminated(r.info.run_id, status="KILLED")
+        return [r.info.run_id for r in stale]
+
     @contextlib.contextmanager
     def run(
         self,
@@ -261,9 +296,18 @@ class Tracker:
         tags: Mapping[str, Any] | None = None,
         nested: bool = False,
         parent_run_id: str | None = None,
+        reuse: Mapping[str, Any] | None = None,
     ) -> Iterator[str | None]:
-        """A run for the duration of the block: FAILED if the block raises, KILLED on ^C."""
-        run_id = self.start_run(run_name, tags=tags, nested=nested, parent_run_id=parent_run_id)
+        """A run for the duration of the block: FAILED if the block raises, KILLED on ^C.
+
+        reuse: tags identifying the run across invocations (e.g. verb and run directory): the
+        newest run of that name, parent and tags is reopened (reopen_run) instead of creating
+        a second one, so a resumed run keeps one MLflow run."""
+        found = self.find_run(run_name, reuse, parent_run_id) if reuse is not None else None
+        if found:
+            run_id = self.reopen_run(found, tags)
+        else:
+            run_id = self.start_run(run_name, tags=tags, nested=nested, parent_run_id=parent_run_id)
         if run_id is None:
             yield None
             return
@@ -294,14 +338,19 @@ class Tracker:
                 self._stack.pop()
 
     # ----------------------------------------------------------------- logging
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Nested dicts become dotted keys; values are stringified, truncated and redacted."""
+    def log_params(self, params: Mapping[str, Any], new_only: bool = False) -> None:
+        """Nested dicts become dotted keys; values are stringified, truncated and redacted.
+        new_only: keys the run already has are left as they are (a reopened run: MLflow
+        refuses to change a param, and a resumed run differs only in where it runs)."""
         if not self.enabled or not params:
             return
         from mlflow.entities import Param
 
         flat = flatten(redact(dict(params)))
         items = [Param(k[:MAX_KEY], _to_str(v, MAX_PARAM_VALUE)) for k, v in flat.items()]
+        if new_only:
+            have = self.client.get_run(self._run_id()).data.params
+            items = [p for p in items if p.key not in have]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self._run_id(), params=items[i : i + MAX_PARAMS_PER_BATCH])
 

@@ -64,6 +64,9 @@ class BuildSamples:
         self.plans: dict[str, RolePlan] = ray.get(plans[0])  # [ref]: fetched once per actor
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from derta.faults import maybe_fail
+
+        maybe_fail("data")
         rows = batch.to_pylist()
         by_role: dict[str, list[dict]] = {}
         for r in rows:
@@ -226,9 +229,14 @@ def shard_uris(paths, manifest: DataManifest) -> list[str]:
 
 
 def _remove_stale_shards(data_uri: str, keep: str) -> None:
-    """Shard directories of earlier builds (no manifest names them any more)."""
+    """Shard directories of earlier builds (no manifest names them any more), also the empty or
+    partial ones of a build that was interrupted or failed."""
     prefix = storage.join(data_uri, "shards-")
-    stale = {f[: f.index("/", len(prefix))] for f in storage.list_files(data_uri) if f.startswith(prefix) and "/" in f[len(prefix):]}
+    if storage.is_s3(data_uri):
+        stale = {f[: f.index("/", len(prefix))] for f in storage.list_files(data_uri)
+                 if f.startswith(prefix) and "/" in f[len(prefix):]}
+    else:  # local: directories, so an empty one (no file to list) goes too
+        stale = {os.path.join(data_uri, d) for d in os.listdir(data_uri) if d.startswith("shards-")}
     for d in stale:
         if d != keep:
             try:

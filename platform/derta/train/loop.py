@@ -315,6 +315,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for k, v in (config.get("env") or {}).items():
         os.environ[k] = v  # the driver's cache / object store / tracking settings win
+    from derta.faults import maybe_fail
+
+    maybe_fail("train")
     cfg = ExperimentConfig.model_validate(config["experiment"])
     tc = cfg.train
     rank, world = _rank_world()

@@ -67,7 +67,8 @@ def _dataset(cfg: ExperimentConfig, paths: RunPaths, kinds: list[str] | None):
 
 TIMELINE_ENV = "DERTA_TRAIN_TIMELINE"  # a directory: each worker writes <rank>.json phase timestamps (profiling)
 WORKER_ENV = (TIMELINE_ENV, "DERTA_CACHE", "DERTA_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI")
+              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI",
+              "DERTA_FAULT")  # the last: derta.faults, tests only
 
 
 def _handle_dict(tracking: Any) -> dict | None:
@@ -202,11 +203,11 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
     # derta.security): Train pickles train_loop_config into trainer.pkl in the run directory.
     sealed_keys = ("experiment", "tracking", "env")
     loop_config = {k: seal(v) if k in sealed_keys and v is not None else v for k, v in loop_config.items()}
-    trainer_cls = TorchTrainer
+    trainer_cls = interruptible_trainer_class(TorchTrainer)
     if started_here():  # a cluster this process started and will take down: no leak to guard
         for k, v in LOCAL_TRAIN_ENV.items():
             os.environ.setdefault(k, v)  # read by Ray when fit() starts the controller
-        trainer_cls = local_trainer_class(TorchTrainer)
+        trainer_cls = local_trainer_class(trainer_cls)
     trainer = trainer_cls(
         _entry,
         train_loop_config=loop_config,
@@ -225,15 +226,58 @@ def train(cfg: ExperimentConfig, paths: RunPaths, tracking: Any = None, *, datas
         # Each worker reads its own dataset (step_datasets splits every step's rows evenly).
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
     try:
         result = trainer.fit()
     finally:
+        if before is not None:  # Ray Train leaves its own handler installed after fit()
+            signal.signal(signal.SIGINT, before)
         release(*(loop_config[k] for k in sealed_keys))
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     steps = int(metrics.get("step", sum(p.total_steps for p in plans)))
     if export:
         _log_params(handle, {}, tags={"model_dir": paths.model})
     return TrainResult(model_dir=paths.model, steps=steps, final_metrics=metrics)
+
+
+ABORT_WAIT_S = 5.0  # Ctrl+C: how long the driver waits for Ray Train's controller to abort
+
+
+def interruptible_trainer_class(base: type) -> type:
+    """`base` whose Ctrl+C aborts the Train run and raises KeyboardInterrupt in the driver.
+
+    Ray Train's own SIGINT handler aborts the controller and then calls sys.exit(0) (the abort
+    kills the actor it waits on), so an interrupted run looked like a success to the caller and
+    its MLflow runs were not marked KILLED. A second Ctrl+C gets Python's default behaviour.
+    Falls back to `base` if Ray's internals moved."""
+    if not hasattr(base, "_register_sigint_handler"):
+        return base
+
+    class InterruptibleTrainer(base):  # type: ignore[misc, valid-type]
+        def _register_sigint_handler(self, controller):
+            import signal
+
+            import ray
+
+            previous = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame):
+                signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+                try:  # a controller busy starting workers answers late; it is the driver's
+                    # actor and goes with it anyway, so the abort is not waited for long
+                    ray.get(controller.abort.remote(), timeout=ABORT_WAIT_S)
+                except Exception:  # noqa: BLE001 - the controller exits while aborting
+                    pass
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    InterruptibleTrainer.__name__ = InterruptibleTrainer.__qualname__ = f"Interruptible{base.__name__}"
+    return InterruptibleTrainer
 
 
 def local_trainer_class(base: type) -> type:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from derta import storage
-from derta.config import ConfigError, ExperimentConfig, dump_yaml
+from derta.config import ConfigError, ExperimentConfig, dump_yaml, redact_text
 from derta.paths import RunPaths
 from derta.tune.proxy import PROXY_KEYS
 from derta.tune.space import apply_params, changes_data, space_dims, to_tune
@@ -57,6 +57,7 @@ TRIAL_DRIVER_CPU = 0.5  # the trial actor only orchestrates (data build driver, 
 DATA_CPU_HEADROOM = 1.0  # CPUs kept free for Ray Data tasks (builds and training ingest)
 ASHA_MAX_T = 10**7  # steps; trials end on their own (stop_last_trials=False)
 SHARE_MATERIALIZE_MAX_BYTES = 2 * 1024**3  # shared training rows above this stay lazy
+SEALED_CTX = ("experiment", "tracking", "env")  # ctx keys that may hold secrets (run_trial unseals)
 DONE_FILE = "tune_done.json"  # written by a trial that trained to the end
 JANITOR_FILE = "tune_janitor.json"  # name of the trial's janitor actor (see TrialJanitor)
 
@@ -284,7 +285,9 @@ def _tune_callback_cls():
         actor may have been killed before it could)."""
 
         def __init__(self, tracking: dict[str, Any] | None, run_dir: str, metric: str):
-            _DRIVER_TRACKING["handle"] = tracking
+            from derta.tune import tuner  # by reference: see `tracking`
+
+            tuner._DRIVER_TRACKING["handle"] = tracking
             self.run_dir = run_dir
             self.metric = metric
 
@@ -292,7 +295,12 @@ def _tune_callback_cls():
         def tracking(self) -> dict[str, Any] | None:
             # Kept in the driver, not on the callback: Tune pickles its callbacks into
             # tuner.pkl, and a tracking URI may carry a password. run_tune sets it per session.
-            return _DRIVER_TRACKING.get("handle")
+            # The module is imported here, not named as a global: this class is defined in a
+            # function, so cloudpickle pickles it by value with every global its methods name
+            # (the dict itself, tracking URI included, would land in tuner.pkl).
+            from derta.tune import tuner
+
+            return tuner._DRIVER_TRACKING.get("handle")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._finish(trial, "FINISHED")
@@ -497,6 +505,9 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any], datasets: dict[str, A
     from derta.tracking import TrackingHandle
     from derta.train.trainer import train
 
+    from derta.security import unseal_keys
+
+    ctx = unseal_keys(ctx)  # experiment, tracking and env come sealed (see run_tune)
     for k, v in (ctx.get("env") or {}).items():
         os.environ.setdefault(k, v)
     trial_id = tune.get_context().get_trial_id()
@@ -590,7 +601,7 @@ def _parent_run(cfg: ExperimentConfig, paths: RunPaths, tune_dir: str) -> Iterat
             run_id = None
     if not run_id:
         run_id = tracker.client.create_run(tracker.experiment_id, run_name=f"{paths.name}-tune").info.run_id
-        storage.write_json(state_uri, {"parent_run_id": run_id, "tracking_uri": tracker.tracking_uri})
+        storage.write_json(state_uri, {"parent_run_id": run_id, "tracking_uri": redact_text(tracker.tracking_uri)})
         with tracker.attach(run_id):
             tracker.set_tags({**_tags(cfg), "verb": "tune", "run_dir": paths.dir})
             tracker.log_params(cfg.redacted())
@@ -647,6 +658,7 @@ def run_tune(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TuneS
 
     from derta.cluster import ensure_ray
     from derta.pipeline import console, run_paths
+    from derta.security import keep_secrets_out_of_tune_runtime_envs, sealed
     from derta.train.trainer import WORKER_ENV
 
     t0 = time.perf_counter()
@@ -672,41 +684,45 @@ def run_tune(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> TuneS
                     if parent else None)
         ctx = {"experiment": cfg.to_dict(), "run_dir": run_dir, "proxy": proxy, "tracking": tracking,
                "export": cfg.tune.top_n_full_eval > 0, "env": {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets),
-                                        {"CPU": TRIAL_DRIVER_CPU})
-        n_conc = max_concurrent(cfg, ray.cluster_resources())
-        # No keys in this filesystem: Tune pickles it into tuner.pkl under the run directory.
-        fs, storage_path = storage.pyarrow_fs(tune_dir)
-        exp_path = storage.join(tune_dir, EXPERIMENT)
-        restore_path = exp_path if fs is None else f"{storage_path.rstrip('/')}/{EXPERIMENT}"  # a path inside fs
-        restored = tune.Tuner.can_restore(restore_path, storage_filesystem=fs)
-        _DRIVER_TRACKING["handle"] = tracking  # the restored callbacks read it (see TrialTracking)
-        if restored:
-            console.print(f"resuming the search saved at {exp_path}")
-            tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                       restart_errored=False, storage_filesystem=fs)
-        else:
-            seed = cfg.tune.seed if cfg.tune.seed is not None else cfg.train.seed
-            tuner = tune.Tuner(
-                trainable,
-                param_space=to_tune(dims),
-                tune_config=tune.TuneConfig(
-                    metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
-                    search_alg=_searcher(cfg, seed, n_conc), scheduler=_scheduler(cfg),
-                    max_concurrent_trials=None if cfg.tune.search_alg == "random" else n_conc,
-                    trial_dirname_creator=_trial_dirname,
-                ),
-                run_config=tune.RunConfig(
-                    name=EXPERIMENT, storage_path=storage_path, storage_filesystem=fs,
-                    callbacks=[_tune_callback_cls()(tracking, run_dir, cfg.tune.metric), *(callbacks or [])],
-                    failure_config=tune.FailureConfig(max_failures=0), verbose=1,
-                ),
-            )  # fmt: skip
-        when = (f"every {proxy['every']} steps" if proxy["every"] else
-                f"at steps {', '.join(map(str, proxy['milestones'][:4]))}, ..." if proxy["milestones"] else "at the end")
-        console.print(f"up to {n_conc} trial(s) at a time; each: {cfg.train.workers} worker(s), proxy {when} "
-                      f"on {len(proxy['safety'])} safety + {len(proxy['helpful'])} helpful held-out samples")
-        results = _fit(tuner)
+        # The unredacted config, tracking URI and worker env stay in the cluster's memory (see
+        # derta.security): with_parameters puts ctx in the object store, which spills to disk.
+        keep_secrets_out_of_tune_runtime_envs()
+        with sealed(ctx, SEALED_CTX) as ctx:
+            trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets),
+                                            {"CPU": TRIAL_DRIVER_CPU})
+            n_conc = max_concurrent(cfg, ray.cluster_resources())
+            # No keys in this filesystem: Tune pickles it into tuner.pkl under the run directory.
+            fs, storage_path = storage.pyarrow_fs(tune_dir)
+            exp_path = storage.join(tune_dir, EXPERIMENT)
+            restore_path = exp_path if fs is None else f"{storage_path.rstrip('/')}/{EXPERIMENT}"  # a path inside fs
+            restored = tune.Tuner.can_restore(restore_path, storage_filesystem=fs)
+            _DRIVER_TRACKING["handle"] = tracking  # the restored callbacks read it (see TrialTracking)
+            if restored:
+                console.print(f"resuming the search saved at {exp_path}")
+                tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                           restart_errored=False, storage_filesystem=fs)
+            else:
+                seed = cfg.tune.seed if cfg.tune.seed is not None else cfg.train.seed
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=to_tune(dims),
+                    tune_config=tune.TuneConfig(
+                        metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
+                        search_alg=_searcher(cfg, seed, n_conc), scheduler=_scheduler(cfg),
+                        max_concurrent_trials=None if cfg.tune.search_alg == "random" else n_conc,
+                        trial_dirname_creator=_trial_dirname,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=EXPERIMENT, storage_path=storage_path, storage_filesystem=fs,
+                        callbacks=[_tune_callback_cls()(tracking, run_dir, cfg.tune.metric), *(callbacks or [])],
+                        failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                    ),
+                )  # fmt: skip
+            when = (f"every {proxy['every']} steps" if proxy["every"] else
+                    f"at steps {', '.join(map(str, proxy['milestones'][:4]))}, ..." if proxy["milestones"] else "at the end")
+            console.print(f"up to {n_conc} trial(s) at a time; each: {cfg.train.workers} worker(s), proxy {when} "
+                          f"on {len(proxy['safety'])} safety + {len(proxy['helpful'])} helpful held-out samples")
+            results = _fit(tuner)
         rows = _trial_rows(results, run_dir)
         summary = TuneSummary(paths, exp_path, parent, rows, restored=restored)
         summary.interrupted = results.num_terminated + results.num_errors < cfg.tune.num_samples
