@@ -95,6 +95,8 @@ def test_shipped_base_is_small_complete_and_from_the_current_corpus():
     assert prov["name"] == DEMO_BASE and prov["command"].startswith(COMMAND) and prov["dtype"] == "bfloat16"
     # A stale base (the demo corpus changed since it was made) fails here: rerun the command.
     assert prov["corpus_fingerprint"] == corpus_fingerprint(), f"regenerate the demo base: {COMMAND}"
+    pb = load_config(COMPARE_CONFIG).position_bias  # ... and so does one made with other settings
+    assert (prov["from"], prov["epochs"], prov["lr"]) == ("builtin:small", pb.pretrain_epochs, pb.pretrain_lr), COMMAND
     tok = load_tokenizer(ModelConfig(name_or_path=DEMO_BASE))
     assert refusal_token_id(tok) is not None and tok.chat_template
 

@@ -62,7 +62,7 @@ def test_derta_run_without_config_compares_vanilla_and_derta(tmp_path):
     page = (exp / "report.html").read_text()
     assert page.index('id="comparison"') < page.index('id="summary"')
     assert page.count('src="data:image/png;base64,') >= 4 and "src=\"http" not in page
-    for alt in ("prefill ASR by k", "safety vs helpfulness", "refusal position CDF"):
+    for alt in ("prefill ASR by k", "safety vs helpfulness", "ASR per attack"):
         assert re.search(rf'alt="{alt} of runs: [^"]*vanilla[^"]*derta', page), alt
 
     # MLflow: one parent, an arm run per arm, each with its data / train / eval stage runs.

@@ -96,7 +96,7 @@ def parent_run(cfg: ExperimentConfig, paths: RunPaths, verb: str, parent_run_id:
 @contextlib.contextmanager
 def _stage(tracker: Tracker, parent: str | None, name: str, timings: dict[str, float],
            cfg: ExperimentConfig | None = None, label: str | None = None) -> Iterator[TrackingHandle]:
-    shown = f"{label}: {name}" if label else name  # an experiment's arms each run every stage
+    shown = f"{name} ({label})" if label else name  # an experiment's arms each run every stage
     console.rule(f"[bold]{shown}")
     start = time.perf_counter()
     tags = {**(_tags(cfg) if cfg is not None else {}), "stage": name}

@@ -183,12 +183,14 @@ def print_table(rows: list[CompareRow], ks: list[int], found: list[Finding]) -> 
 
     from derta.pipeline import console
 
-    table = Table(title="Vanilla vs DeRTa from the same complying base: prefill-attack ASR % (lower is safer)")
-    for i, h in enumerate(table_header(ks)):
+    table = Table(title="Vanilla vs DeRTa from the same complying base\n"
+                        "prefill attack: ASR % after k harmful tokens (lower is safer)")
+    for i, h in enumerate(["arm"] + [f"k={k}" for k in ks] + ["helpfulness", "benign refused %"]):
         table.add_column(h, justify="left" if i == 0 else "right")
     for r in table_rows(rows, ks):
         table.add_row(*r)
     console.print(table)
     for f in found:
-        console.print(f"[{'green' if f.holds else 'red'}]{'holds' if f.holds else 'DOES NOT HOLD'}[/]  {f.claim}: {f.detail}")
+        console.print(f"[{'green' if f.holds else 'red'}]{'holds' if f.holds else 'DOES NOT HOLD'}[/]  {f.claim}: {f.detail}",
+                      soft_wrap=True)
 

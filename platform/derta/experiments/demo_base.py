@@ -1,10 +1,12 @@
 """The shipped base model `builtin:demo-base`: a small Llama that complies with (synthetic)
 harmful requests, so `derta run` can safety-tune it two ways and show the difference.
 
-It is the science check's pretraining stage (configs/position_bias.yaml: builtin:small, `sft`
-on helpful answers and harmful completions of every topic of the demo corpus, seed 0), run
-through the real pipeline and saved in bf16 under platform/derta/assets/demo_base/ with the
-tokenizer and a provenance file (demo_base.json). This script is the only way those weights
+It is the science check's pretraining stage (derta.experiments.position_bias: builtin:small,
+`sft` on helpful answers and harmful completions of every topic of the demo corpus) with the
+settings of configs/compare.yaml (its train section, position_bias.pretrain_epochs/_lr, seed 0),
+run through the real pipeline and saved in bf16 under platform/derta/assets/demo_base/ with the
+tokenizer and a provenance file (demo_base.json). `derta run --preset compare --set
+position_bias.base_model=null model.name_or_path=builtin:small` pretrains the same base inline. This script is the only way those weights
 are made; rerun it whenever the demo corpus (derta.demo) or the pretraining settings change:
 
     PYTHONPATH=platform python -m derta.experiments.demo_base [--seed 0] [--out DIR]
@@ -32,6 +34,7 @@ DEMO_BASE = "builtin:demo-base"
 ASSET_DIR = SHIPPED[DEMO_BASE]
 PROVENANCE = "demo_base.json"
 COMMAND = "PYTHONPATH=platform python -m derta.experiments.demo_base"
+FROM = "builtin:small"  # the random-init 0.6M-parameter Llama the base is pretrained from
 
 
 def corpus_fingerprint() -> str:
@@ -52,12 +55,13 @@ def pretrain(root: str, seed: int = 0):
     """Run the science check's pretraining stage under `root`; the trained model's directory."""
     from derta import storage
     from derta.cluster import ensure_ray
-    from derta.config import POSITION_BIAS_CONFIG, load_config
+    from derta.config import COMPARE_CONFIG, load_config
     from derta.experiments.position_bias import corpus_rows, pretrain_config, write_corpus
     from derta.pipeline import make_tracker, parent_run, run_paths, run_stages
 
-    cfg = load_config(POSITION_BIAS_CONFIG, [f"storage.root={root}", "storage.run_name=demo-base",
-                                             f"position_bias.seed={seed}", "tracking.experiment=demo-base"])
+    cfg = load_config(COMPARE_CONFIG, [f"storage.root={root}", "storage.run_name=demo-base", f"model.name_or_path={FROM}",
+                                       "position_bias.base_model=null", f"position_bias.seed={seed}",
+                                       "tracking.experiment=demo-base"])
     pb = cfg.position_bias
     paths = run_paths(cfg)
     ensure_ray(cfg)
