@@ -87,6 +87,9 @@ def export(model_dir: str, out: Path, provenance: dict[str, Any]) -> Path:
         tok.save_pretrained(tmp)
         provenance = {**provenance, "parameters": sum(p.numel() for p in model.parameters()), "dtype": "bfloat16"}
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+        for f in tmp.iterdir():  # mkdtemp's 0700 would make an installed copy unreadable to others
+            f.chmod(0o644)
+        tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
