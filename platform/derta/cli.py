@@ -14,7 +14,7 @@ import sys
 import traceback
 from typing import Callable
 
-from derta.config import PRESET_CONFIGS, ConfigError, ExperimentConfig, load_config, redact_text
+from derta.config import PRESET_CONFIGS, RUN_DEFAULT_PRESET, ConfigError, ExperimentConfig, load_config, redact_text
 from derta.preflight import check
 
 
@@ -36,16 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "train with Ray Train (FSDP, MLE + RTO)"),
         ("tune", "search prefix distributions and loss weights with Ray Tune"),
         ("eval", "attacks, judges and helpfulness on a trained model"),
-        ("run", "data, train, eval and report in one go (no config: the built-in demo)"),
+        ("run", "data, train, eval and report in one go (no config: vanilla vs DeRTa from the shipped base)"),
         ("plan", "print the resolved config, resources and per-GPU memory estimate; do no work"),
         ("report", "render the HTML report of a run from MLflow"),
     ]:
         sub = verbs.add_parser(name, help=text)
         _common(sub)
         if name == "run":
-            sub.add_argument("--preset", choices=sorted(PRESET_CONFIGS), default="demo",
-                             help="demo: one pipeline run; position_bias: the science check (pretraining + the "
-                                  "four arms of the paper's Table 4, refusal positions of its Fig. 4)")
+            sub.add_argument("--preset", choices=sorted(PRESET_CONFIGS), default=None,
+                             help="compare (the default without --config): vanilla vs DeRTa safety tuning of the "
+                                  "shipped complying base, side by side; demo: one pipeline run (the default with "
+                                  "--config); position_bias: the science check (pretraining + the four arms of the "
+                                  "paper's Table 4, refusal positions of its Fig. 4)")
         if name == "report":
             sub.add_argument("--all", dest="all_runs", action="store_true",
                              help="one page comparing every run of the experiment (default when storage.run_name is unset)")
@@ -81,8 +83,19 @@ def _cmd_eval(cfg: ExperimentConfig, args) -> None:
     eval_only(cfg)
 
 
+def run_preset(args) -> str:
+    """What `derta run` runs: --preset when given, else compare without --config, else the pipeline."""
+    return args.preset or ("demo" if args.config else RUN_DEFAULT_PRESET)
+
+
 def _cmd_run(cfg: ExperimentConfig, args) -> None:
-    if args.preset == "position_bias":
+    preset = run_preset(args)
+    if preset == "compare":
+        from derta.experiments.compare import run_compare
+
+        run_compare(cfg)
+        return
+    if preset == "position_bias":
         from derta.experiments.position_bias import run_position_bias
 
         run_position_bias(cfg)
@@ -126,7 +139,8 @@ COMMANDS: dict[str, Callable] = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config or PRESET_CONFIGS.get(getattr(args, "preset", "demo")), args.overrides)
+        preset = run_preset(args) if args.verb == "run" else "demo"  # other verbs: the built-in demo
+        cfg = load_config(args.config or PRESET_CONFIGS[preset], args.overrides)
         for note in check(cfg, STAGES[args.verb], planning=args.verb == "plan"):
             print(f"derta: note: {note}", file=sys.stderr)
         COMMANDS[args.verb](cfg, args)

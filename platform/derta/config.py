@@ -409,8 +409,10 @@ class ExperimentConfig(Strict):
 # --------------------------------------------------------------------------- loading
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 POSITION_BIAS_CONFIG = Path(__file__).parent / "configs" / "position_bias.yaml"
+COMPARE_CONFIG = Path(__file__).parent / "configs" / "compare.yaml"
 # `derta run --preset NAME`: what runs and the config it starts from when --config is not given.
-PRESET_CONFIGS = {"demo": DEMO_CONFIG, "position_bias": POSITION_BIAS_CONFIG}
+PRESET_CONFIGS = {"demo": DEMO_CONFIG, "position_bias": POSITION_BIAS_CONFIG, "compare": COMPARE_CONFIG}
+RUN_DEFAULT_PRESET = "compare"  # `derta run` with neither --config nor --preset
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:

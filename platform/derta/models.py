@@ -82,6 +82,12 @@ BUILTIN_SPECS = {
 }
 
 
+# Models shipped with the package (HF directories under derta/assets/, package data), each made
+# only by its script: builtin:demo-base, the complying base of `derta run` (derta.experiments.demo_base).
+SHIPPED = {"builtin:demo-base": Path(__file__).resolve().parent / "assets" / "demo_base"}
+SHIPPED_SCRIPTS = {"builtin:demo-base": "python -m derta.experiments.demo_base"}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DERTA_CACHE", Path.home() / ".cache" / "derta"))
 
@@ -207,7 +213,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """Turn a config's model reference into something `from_pretrained` accepts.
 
     builtin:tiny -> a cached local directory (built on first use, deterministic, so every node
-    of a cluster builds the same weights); s3://... -> a local copy; HF ids and local dirs pass
+    of a cluster builds the same weights); builtin:demo-base -> the directory shipped in the
+    package; s3://... -> a local copy; HF ids and local dirs pass
     through unchanged.
     """
     if name_or_path in BUILTIN_SPECS:
@@ -215,8 +222,14 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (path / "config.json").exists():
             build_tiny_model(path, BUILTIN_SPECS[name_or_path])
         return str(path)
+    if name_or_path in SHIPPED:
+        if not (SHIPPED[name_or_path] / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {name_or_path} is missing from this install ({SHIPPED[name_or_path]}); "
+                              f"make it with `{SHIPPED_SCRIPTS[name_or_path]}`")
+        return str(SHIPPED[name_or_path])
     if name_or_path.startswith("builtin:"):
-        raise ConfigError(f"model.name_or_path: unknown builtin model {name_or_path!r} (known: {', '.join(BUILTIN_SPECS)})")
+        known = ", ".join([*BUILTIN_SPECS, *SHIPPED])
+        raise ConfigError(f"model.name_or_path: unknown builtin model {name_or_path!r} (known: {known})")
     if name_or_path.startswith("s3://"):
         from derta.storage import local_copy
 

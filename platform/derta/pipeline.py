@@ -96,14 +96,15 @@ def parent_run(cfg: ExperimentConfig, paths: RunPaths, verb: str, parent_run_id:
 
 @contextlib.contextmanager
 def _stage(tracker: Tracker, parent: str | None, name: str, timings: dict[str, float],
-           cfg: ExperimentConfig | None = None) -> Iterator[TrackingHandle]:
-    console.rule(f"[bold]{name}")
+           cfg: ExperimentConfig | None = None, label: str | None = None) -> Iterator[TrackingHandle]:
+    shown = f"{name} ({label})" if label else name  # an experiment's arms each run every stage
+    console.rule(f"[bold]{shown}")
     start = time.perf_counter()
     tags = {**(_tags(cfg) if cfg is not None else {}), "stage": name}
     with tracker.run(name, parent_run_id=parent, tags=tags) as run_id:
         yield TrackingHandle.of(tracker, run_id)
     timings[name] = time.perf_counter() - start
-    console.print(f"[green]{name} done in {timings[name]:.1f}s")
+    console.print(f"[green]{shown} done in {timings[name]:.1f}s")
 
 
 # --------------------------------------------------------------------------- stages
@@ -220,16 +221,17 @@ def trained_model_dir(cfg: ExperimentConfig, paths: RunPaths) -> str:
 
 # --------------------------------------------------------------------------- verbs
 def run_stages(cfg: ExperimentConfig, paths: RunPaths, tracker: Tracker, parent: str | None, *,
-               evaluate: bool = True) -> RunSummary:
+               evaluate: bool = True, label: str | None = None) -> RunSummary:
     """data -> train -> eval, each a run nested under `parent`; the headline metrics go on
-    `parent`. The body of `derta run`, and of each arm of an experiment."""
+    `parent`. The body of `derta run`, and of each arm of an experiment (`label`: the arm, shown
+    on the console so no stage line reads the same twice)."""
     summary = RunSummary(paths, tracker.tracking_uri, parent)
-    with _stage(tracker, parent, "data", summary.timings, cfg) as h:
+    with _stage(tracker, parent, "data", summary.timings, cfg, label) as h:
         _build(cfg, paths, h)
-    with _stage(tracker, parent, "train", summary.timings, cfg) as h:
+    with _stage(tracker, parent, "train", summary.timings, cfg, label) as h:
         summary.model_dir = _train(cfg, paths, h)
     if evaluate:
-        with _stage(tracker, parent, "eval", summary.timings, cfg) as h:
+        with _stage(tracker, parent, "eval", summary.timings, cfg, label) as h:
             summary.metrics = _eval(cfg, paths, summary.model_dir, h)
         with tracker.attach(parent):
             tracker.log_metrics(_headline(summary.metrics))

@@ -266,10 +266,12 @@ class PositionBiasResult:
     plot: str
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    run_ids: dict[str, str | None] = field(default_factory=dict)  # MLflow: "parent" and each arm
 
 
-def run_position_bias(cfg: ExperimentConfig) -> PositionBiasResult:
-    """The whole experiment (see the module docstring); prints and logs the results."""
+def run_position_bias(cfg: ExperimentConfig, *, show: bool = True, title: str = "Position-bias experiment") -> PositionBiasResult:
+    """The whole experiment (see the module docstring); prints and logs the results.
+    show=False leaves the printing of results to the caller (derta.experiments.compare)."""
     from derta.cluster import ensure_ray
     from derta.pipeline import console, make_tracker, parent_run, run_paths, run_stages
 
@@ -278,7 +280,7 @@ def run_position_bias(cfg: ExperimentConfig) -> PositionBiasResult:
     if cfg.storage.run_name is None:
         cfg.storage.run_name = f"position-bias-s{pb.seed}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     paths = run_paths(cfg)
-    console.print(f"[bold]Position-bias experiment[/bold] {paths.name}  arms={','.join(pb.arms)}  seed={pb.seed}")
+    console.print(f"[bold]{title}[/bold] {paths.name}  arms={','.join(pb.arms)}  seed={pb.seed}")
     console.print(f"directory: {paths.dir}")
     ensure_ray(cfg)
     corpus = corpus_rows(pb)
@@ -287,7 +289,9 @@ def run_position_bias(cfg: ExperimentConfig) -> PositionBiasResult:
     tracker = make_tracker(cfg)
     timings: dict[str, float] = {}
     results: dict[str, ArmResult] = {}
+    run_ids: dict[str, str | None] = {}
     with parent_run(cfg, paths, "position_bias", tracker=tracker) as (_, parent):
+        run_ids["parent"] = parent
         base = pb.base_model
         if base is None:
             pre_cfg = pretrain_config(cfg, pb, files)
@@ -301,7 +305,8 @@ def run_position_bias(cfg: ExperimentConfig) -> PositionBiasResult:
             arm_paths = RunPaths(paths.dir, arm)
             start = time.perf_counter()
             with parent_run(arm_cfg, arm_paths, "position_bias arm", parent, tracker) as (_, arm_run):
-                run_stages(arm_cfg, arm_paths, tracker, arm_run)
+                run_ids[arm] = arm_run
+                run_stages(arm_cfg, arm_paths, tracker, arm_run, label=arm)
                 timings[arm] = time.perf_counter() - start
                 results[arm] = arm_result(arm, storage.read_jsonl(arm_paths.generations), group_of)
                 with tracker.attach(arm_run):
@@ -309,7 +314,7 @@ def run_position_bias(cfg: ExperimentConfig) -> PositionBiasResult:
         found = findings(results) if all(a in results for a in ARM_NAMES) else []
         table = markdown_table(results, cfg.eval.prefill_k)
         plot = plot_positions(results, storage.join(paths.dir, "refusal_positions.png"))
-        out = PositionBiasResult(paths.dir, results, found, table, plot, time.perf_counter() - t0, timings)
+        out = PositionBiasResult(paths.dir, results, found, table, plot, time.perf_counter() - t0, timings, run_ids)
         storage.write_json(storage.join(paths.dir, "position_bias.json"), _to_json(out, cfg))
         storage.write_text(storage.join(paths.dir, "table.md"), table + "\n")
         with tracker.attach(parent):
@@ -319,6 +324,8 @@ def run_position_bias(cfg: ExperimentConfig) -> PositionBiasResult:
                                  "time_total_s": out.seconds})
             for name in ("position_bias.json", "table.md", "refusal_positions.png"):
                 tracker.log_artifact(storage.join(paths.dir, name))
+    if not show:
+        return out
 
     console.print(f"[bold]Refusal position bias (seed {pb.seed}): prefill ASR % (lower is safer), "
                   f"helpfulness (token F1 x 100)")

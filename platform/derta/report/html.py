@@ -261,16 +261,19 @@ details{margin:.4em 0} summary{cursor:pointer;color:#2471a3} pre{font-size:.75em
 
 
 def render(runs: Sequence[RunData], title: str, *, focus: str | None = None, context: Sequence[RunData] = (),
-           tracker: Tracker | None = None, config: dict[str, Any] | None = None, per_run_examples: int = 8) -> str:
+           tracker: Tracker | None = None, config: dict[str, Any] | None = None, per_run_examples: int = 8,
+           first: dict[str, tuple[str, str]] | None = None) -> str:
     """The page for `runs` (one run, or an experiment's runs). `context` adds more runs to the
-    safety-vs-helpfulness scatter only (a run's page places the run among its experiment)."""
+    safety-vs-helpfulness scatter only (a run's page places the run among its experiment).
+    `first`: {anchor: (title, html)} sections an experiment puts before the standard ones."""
     runs = list(runs)
     scatter_runs = list(runs) + [r for r in context if all(r.name != x.name for x in runs)]
+    of = " of runs: " + ", ".join(r.name for r in runs)  # alt texts name what each figure compares
     bodies = {
         "summary": _summary(runs, tracker),
-        "asr": _img(plots.asr_bars(runs), "ASR per attack", "no ASR in eval/metrics.json"),
-        "refusal-cdf": _img(plots.refusal_cdf(runs), "refusal position CDF", "no refusals to place"),
-        "asr-by-k": _img(plots.asr_by_k(runs), "prefill ASR by k", "no prefill attack (eval.attacks without prefill)"),
+        "asr": _img(plots.asr_bars(runs), "ASR per attack" + of, "no ASR in eval/metrics.json"),
+        "refusal-cdf": _img(plots.refusal_cdf(runs), "refusal position CDF" + of, "no refusals to place"),
+        "asr-by-k": _img(plots.asr_by_k(runs), "prefill ASR by k" + of, "no prefill attack (eval.attacks without prefill)"),
         "prefix-hist": _img(plots.prefix_hist(runs), "prefix length histogram",
                             "no prefix-length histogram in data/manifest.json") + _counts(runs),
         "curves": _img(plots.training_curves(runs), "training curves", "no training metrics in MLflow"),
@@ -279,7 +282,8 @@ def render(runs: Sequence[RunData], title: str, *, focus: str | None = None, con
                         "needs ASR and a helpfulness score"),
         "examples": _examples(runs, per_run_examples),
     }
-    titles = dict(SECTIONS)
+    titles = {a: t for a, (t, _) in (first or {}).items()} | dict(SECTIONS)
+    bodies.update({a: body for a, (_, body) in (first or {}).items()})
     if config is not None:
         titles.update(RUN_ONLY_SECTIONS)
         bodies["config"] = (f"<details><summary>resolved config (secrets redacted)</summary>"
