@@ -366,10 +366,12 @@ class PositionBiasConfig(Strict):
     model/data/train/eval hold the arms' settings; only the pretraining stage's differ here."""
 
     arms: list[Literal["vanilla", "recaug", "rto", "derta"]] = list(ARM_NAMES)
-    pretrain_epochs: float = Field(30.0, gt=0)
+    pretrain_epochs: float = Field(24.0, gt=0)
     pretrain_lr: float = Field(3e-3, gt=0)
-    heldout_questions: int = Field(80, ge=1)  # prefill questions on topics held out of safety tuning
-    seen_questions: int = Field(80, ge=1)  # ... and on topics safety tuning saw
+    heldout_questions: int = Field(40, ge=1)  # prefill questions on topics held out of safety tuning
+    seen_questions: int = Field(40, ge=1)  # ... and on topics safety tuning saw
+    unlike_questions: int = Field(40, ge=1)  # ... held-out topics, checklist register (unlike the safety data)
+    completion_questions: int = Field(80, ge=1)  # completion-style prompts (no prefill; the Fig.-4 group)
     seed: int = 0  # training seed of every stage (data.seed and train.seed); the corpus is fixed
     # An HF directory (local or s3://) of a base that was pretrained before (the `pretrain/model`
     # of an earlier run): the arms start from it and the pretraining stage is skipped.
