@@ -126,6 +126,10 @@ def configs(model: str, work: Path, dry: bool) -> dict[str, Any]:
 
     cfg = load_config(None, train_overrides(model, work, dry))
     preflight.check(cfg, ("train", "eval"), planning=True)
+    # the GPU parts' entry points exist (a dry run catches a renamed import before a GPU session)
+    from derta.cluster import ensure_ray  # noqa: F401
+    from derta.pipeline import build_data, run_paths  # noqa: F401
+    from derta.train.trainer import train as _train  # noqa: F401
     spec = EngineSpec(model=model, kind="vllm", use_gpu=True, dtype="bf16", batch_size=cfg.eval.batch_size,
                       max_model_len=cfg.eval.max_model_len or 2048, gpu_memory_utilization=cfg.eval.gpu_memory_utilization)
     pc = ray_llm.processor_config(spec, num_actors=cfg.eval.num_actors, continue_on_error=cfg.eval.continue_on_error)
@@ -135,8 +139,7 @@ def configs(model: str, work: Path, dry: bool) -> dict[str, Any]:
 def train(model: str, work: Path) -> dict[str, Any]:
     from derta.cluster import ensure_ray
     from derta.config import load_config
-    from derta.paths import run_paths
-    from derta.pipeline import build_data
+    from derta.pipeline import build_data, run_paths
     from derta.train.trainer import train as run_train
 
     cfg = load_config(None, train_overrides(model, work, False))
