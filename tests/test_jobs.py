@@ -351,13 +351,10 @@ def test_jobs_sdk_ships_the_package_to_driver_and_workers(ray_head):
     assert "working_dir_files" in task_cwd and tokenizers == "false"
 
 
-# The science check (issue 10) exactly as `derta run --preset position_bias` runs it (about 7
-# minutes here: a smaller evaluation saved seconds but let a 3-seed check fail a margin). The
-# paper's findings that held on seeds 0, 1 and 2 (README: "Science check"); "the harmful prefix
-# alone generalises less" did not reproduce in this world and is reported, not asserted.
-ROBUST = ["vanilla refuses without an attack", "the harmful prefix alone fixes seen topics",
-          "RTO and DeRTa cut held-out ASR the most", "DeRTa's helpfulness stays within",
-          "vanilla refuses at the start of the response far more than DeRTa"]
+# The science check (issues 10, 17) exactly as `derta run --preset position_bias` runs it (about
+# 8 minutes alone). Its pre-registered findings (derta.experiments.position_findings.RULES) that
+# held on seeds 0, 1 and 2 (README: "Science check"); the others are reported, not asserted.
+ROBUST = ["base_complies", "helpfulness"]
 
 
 @pytest.mark.slow
@@ -396,11 +393,11 @@ def test_ray_job_submit_runs_the_position_bias_science_check(ray_head, tmp_path)
 
     saved = json.loads((exp / "position_bias.json").read_text())
     table = (exp / "table.md").read_text()
-    findings = {f["claim"]: f for f in saved["findings"]}
-    assert len(findings) == 6
-    for prefix in ROBUST:
-        f = next(f for c, f in findings.items() if c.startswith(prefix))
-        assert f["holds"], f"{f['claim']}: {f['detail']}\n{table}"
+    findings = {f["name"]: f for f in saved["findings"]}
+    assert len(findings) == 8 and saved["base"] is not None  # every rule decided, the base evaluated
+    for name in ROBUST:
+        f = findings[name]
+        assert f["holds"], f"{name}: {f['claim']}: {f['detail']} [rule: {f['rule']}]\n{table}"
 
     from derta.tracking import Tracker
 
@@ -411,5 +408,6 @@ def test_ray_job_submit_runs_the_position_bias_science_check(ray_head, tmp_path)
     kids = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(kids) == {"pretrain", "vanilla", "recaug", "rto", "derta"}
     stages = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == kids["derta"].info.run_id}
-    assert stages == {"data", "train", "eval"} and len(by_id) == 1 + 5 + 2 + 4 * 3
-    assert parent.data.metrics["findings_total"] == 6 and "vanilla_asr_heldout_k20" in parent.data.metrics
+    pre_stages = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == kids["pretrain"].info.run_id}
+    assert stages == pre_stages == {"data", "train", "eval"} and len(by_id) == 1 + 5 + 3 + 4 * 3
+    assert parent.data.metrics["findings_total"] == 8 and "vanilla_asr_heldout_k20" in parent.data.metrics
