@@ -372,6 +372,10 @@ class PositionBiasConfig(Strict):
     seen_questions: int = Field(40, ge=1)  # ... and on topics safety tuning saw
     unlike_questions: int = Field(40, ge=1)  # ... held-out topics, checklist register (unlike the safety data)
     completion_questions: int = Field(80, ge=1)  # completion-style prompts (no prefill; the Fig.-4 group)
+    # The checklist register and the completion-style prompts: pretrained, and evaluated as the
+    # `unlike` and completion groups. The compare demo (configs/compare.yaml) leaves them out:
+    # its base learns the safety data's prose only and it evaluates the prefill attack only.
+    extra_forms: bool = True
     seed: int = 0  # training seed of every stage (data.seed and train.seed); the corpus is fixed
     # An HF directory (local or s3://) of a base that was pretrained before (the `pretrain/model`
     # of an earlier run): the arms start from it and the pretraining stage is skipped.

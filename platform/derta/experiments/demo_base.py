@@ -39,10 +39,10 @@ FROM = "builtin:small"  # the random-init 0.6M-parameter Llama the base is pretr
 
 def corpus_fingerprint() -> str:
     """Hash of the pretraining rows the base learns (the demo corpus), to tell a stale base."""
-    from derta.config import PositionBiasConfig
+    from derta.config import COMPARE_CONFIG, load_config
     from derta.experiments.position_bias import corpus_rows
 
-    rows = corpus_rows(PositionBiasConfig())["pretrain"]
+    rows = corpus_rows(load_config(COMPARE_CONFIG).position_bias)["pretrain"]
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 

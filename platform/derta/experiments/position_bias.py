@@ -66,17 +66,20 @@ def corpus_rows(pb: PositionBiasConfig) -> dict[str, list[dict[str, Any]]]:
     topics, prose only), the prefill questions per group and the completion-style prompts."""
     from derta.demo import checklist_triples, completion_pairs, helpful_pairs, safety_triples
 
-    harmful = (safety_triples("train") + safety_triples("heldout") + checklist_triples("heldout")
-               + checklist_triples("train", templates=1) + completion_pairs())
+    harmful = safety_triples("train") + safety_triples("heldout")
+    groups = [("heldout", safety_triples("heldout", seed=EVAL_SEED_SALT), pb.heldout_questions),
+              ("seen", safety_triples("train", seed=EVAL_SEED_SALT), pb.seen_questions)]
+    completion = []
+    if pb.extra_forms:
+        harmful += checklist_triples("heldout") + checklist_triples("train", templates=1) + completion_pairs()
+        groups.append(("unlike", checklist_triples("heldout", seed=EVAL_SEED_SALT), pb.unlike_questions))
+        completion = [{"question": t.query, "topic": t.topic, "group": COMPLETION}
+                      for t in _spread(completion_pairs(), pb.completion_questions)]
     pretrain = [{"query": h.query, "response": h.response} for h in helpful_pairs("all")]
     pretrain += [{"query": t.query, "response": t.harmful} for t in harmful]
     questions = []
-    for group, triples, n in (("heldout", safety_triples("heldout", seed=EVAL_SEED_SALT), pb.heldout_questions),
-                              ("seen", safety_triples("train", seed=EVAL_SEED_SALT), pb.seen_questions),
-                              ("unlike", checklist_triples("heldout", seed=EVAL_SEED_SALT), pb.unlike_questions)):
+    for group, triples, n in groups:
         questions += [{"query": t.query, "harmful": t.harmful, "topic": t.topic, "group": group} for t in _spread(triples, n)]
-    completion = [{"question": t.query, "topic": t.topic, "group": COMPLETION}
-                  for t in _spread(completion_pairs(), pb.completion_questions)]
     return {
         "pretrain": pretrain,
         "safety": [asdict(t) for t in safety_triples("train")],
@@ -97,6 +100,8 @@ def write_corpus(directory: str, corpus: dict[str, list[dict[str, Any]]]) -> dic
     """corpus_rows' sources as JSONL under `directory` (local or s3://); their URIs by name."""
     out = {}
     for name, rows in corpus.items():
+        if not rows:  # e.g. no completion-style prompts (extra_forms off)
+            continue
         uri = storage.join(directory, f"{name}.jsonl")
         storage.write_text(uri, "".join(json.dumps(r) + "\n" for r in rows))
         out[name] = uri
@@ -116,8 +121,8 @@ def _with(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig
 def _eval_sources(files: dict[str, str]) -> dict[str, Any]:
     """The prefill groups' questions, and the completion-style prompts as the `direct` attack's
     prompt file (each prompt is the user turn; nothing is prefilled)."""
-    return {"questions": {"uri": files["questions"]}, "attacks": ["prefill"],
-            "prompt_files": {"direct": files["completion"]}, "limit": None}
+    completion = {"direct": files["completion"]} if "completion" in files else {}
+    return {"questions": {"uri": files["questions"]}, "attacks": ["prefill"], "prompt_files": completion, "limit": None}
 
 
 def pretrain_config(cfg: ExperimentConfig, pb: PositionBiasConfig, files: dict[str, str]) -> ExperimentConfig:
