@@ -351,27 +351,35 @@ def test_jobs_sdk_ships_the_package_to_driver_and_workers(ray_head):
     assert "working_dir_files" in task_cwd and tokenizers == "false"
 
 
-# The science check (issues 10, 17) exactly as `derta run --preset position_bias` runs it (about
-# 8 minutes alone). Its pre-registered findings (derta.experiments.position_findings.RULES) that
-# held on seeds 0, 1 and 2 (README: "Science check"); the others are reported, not asserted.
-ROBUST = ["base_complies", "helpfulness"]
+# The science check's job as `ray job submit` runs it, sized for the suite: the four arms start
+# from the shipped base (no pretraining stage) with a handful of questions, so it checks the
+# machinery (job submission, data -> Ray Train -> eval per arm, equal budgets, every rule decided,
+# MLflow nesting), not the science. The findings' numbers come from full-size runs on three seeds
+# (README: "Science check"); their rules are unit-tested against degenerate models
+# (tests/test_position_bias.py). The full-size job took 8 minutes alone, two-thirds of the
+# suite's budget.
+SMALL = ["position_bias.base_model=builtin:demo-base", "position_bias.heldout_questions=4",
+         "position_bias.seen_questions=4", "position_bias.unlike_questions=4", "position_bias.completion_questions=12",
+         "train.epochs=1", "eval.prefill_k=[0, 10]", "eval.max_new_tokens=16"]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1700)
+@pytest.mark.timeout(1200)
 def test_ray_job_submit_runs_the_position_bias_science_check(ray_head, tmp_path):
-    """`ray job submit --working-dir . -- python jobs/position_bias.py` until SUCCEEDED:
-    pretraining + four arms through data -> Ray Train -> eval; every arm's run directory follows
-    the contract, the arms had equal safety budgets, MLflow nests arm -> stage runs under one
-    parent, and the paper's robust findings hold."""
+    """`ray job submit --working-dir . -- python jobs/position_bias.py` until SUCCEEDED: four
+    arms through data -> Ray Train -> eval; every arm's run directory follows the contract, the
+    arms had equal safety budgets, every rule that needs no base is decided, and MLflow nests
+    arm -> stage runs under one parent."""
+    from derta.experiments.position_findings import RULES
+
     url, env = ray_head
     root = tmp_path / "runs"
-    sets = [f"storage.root={root}", "storage.run_name=science"]
+    sets = [f"storage.root={root}", "storage.run_name=science", *SMALL]
     job_id = f"derta-science-{os.getpid()}-{int(time.time())}"
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
            "--submission-id", job_id, "--", "python", "jobs/position_bias.py", "--set", *sets]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1100)
     except subprocess.TimeoutExpired:
         _rest(url, f"/api/jobs/{job_id}/stop", method="POST")
         raise
@@ -379,25 +387,25 @@ def test_ray_job_submit_runs_the_position_bias_science_check(ray_head, tmp_path)
     assert proc.returncode == 0 and status == "SUCCEEDED", (proc.stdout[-3000:] + proc.stderr[-2000:] + logs[-3000:])
 
     exp = root / "science"
-    for rel in ("config.yaml", "corpus/pretrain.jsonl", "pretrain/model/config.json", "table.md",
-                "position_bias.json", "refusal_positions.png"):
+    for rel in ("config.yaml", "corpus/pretrain.jsonl", "corpus/completion.jsonl", "table.md", "position_bias.json",
+                "refusal_positions.png"):
         assert (exp / rel).is_file(), rel
+    assert not (exp / "pretrain").exists()  # the base was given
     budgets = {}
     for arm in ("vanilla", "recaug", "rto", "derta"):
         for rel in ("config.yaml", "data/manifest.json", "model/config.json", "eval/generations.jsonl", "eval/metrics.json"):
             assert (exp / arm / rel).is_file(), f"{arm}/{rel}"
-        assert yaml.safe_load((exp / arm / "config.yaml").read_text())["model"]["name_or_path"] == str(exp / "pretrain/model")
+        assert yaml.safe_load((exp / arm / "config.yaml").read_text())["model"]["name_or_path"] == "builtin:demo-base"
         counts = json.loads((exp / arm / "data/manifest.json").read_text())["counts"]
         budgets[arm] = sum(counts.get(k, 0) for k in ("vanilla", "prefix", "rto", "pref"))
+        groups = {json.loads(line)["attack"] for line in (exp / arm / "eval/generations.jsonl").read_text().splitlines()}
+        assert {"prefill", "direct"} <= groups, groups  # the prefill groups and the completion-style prompts
     assert len(set(budgets.values())) == 1, budgets  # equal safety-data budgets
 
     saved = json.loads((exp / "position_bias.json").read_text())
-    table = (exp / "table.md").read_text()
-    findings = {f["name"]: f for f in saved["findings"]}
-    assert len(findings) == 8 and saved["base"] is not None  # every rule decided, the base evaluated
-    for name in ROBUST:
-        f = findings[name]
-        assert f["holds"], f"{name}: {f['claim']}: {f['detail']} [rule: {f['rule']}]\n{table}"
+    decided = {f["name"] for f in saved["findings"]}
+    assert decided == {r.name for r in RULES if not r.needs_base}, decided  # every rule without the base
+    assert all(isinstance(f["holds"], bool) and f["rule"] for f in saved["findings"])
 
     from derta.tracking import Tracker
 
@@ -406,8 +414,7 @@ def test_ray_job_submit_runs_the_position_bias_science_check(ray_head, tmp_path)
     by_id = {r.info.run_id: r for r in runs}
     parent = next(r for r in runs if r.data.tags.get("verb") == "position_bias")
     kids = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(kids) == {"pretrain", "vanilla", "recaug", "rto", "derta"}
+    assert set(kids) == {"vanilla", "recaug", "rto", "derta"}
     stages = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == kids["derta"].info.run_id}
-    pre_stages = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == kids["pretrain"].info.run_id}
-    assert stages == pre_stages == {"data", "train", "eval"} and len(by_id) == 1 + 5 + 3 + 4 * 3
-    assert parent.data.metrics["findings_total"] == 8 and "vanilla_asr_heldout_k20" in parent.data.metrics
+    assert stages == {"data", "train", "eval"} and len(by_id) == 1 + 4 + 4 * 3
+    assert parent.data.metrics["findings_total"] == len(decided) and "vanilla_asr_heldout_k10" in parent.data.metrics
