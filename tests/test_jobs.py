@@ -185,14 +185,15 @@ def test_rayignore_keeps_runs_and_environments_out_of_the_upload(tmp_path):
     src = tmp_path / "repo"
     for rel in ["platform/derta/config.py", "jobs/demo.py", "jobs/runtime_env.yaml", "jobs/configs/derta_8b.yaml",
                 "runs/old/model/model.safetensors", ".venv/lib/x.py", ".git/HEAD", "platform/derta/__pycache__/a.pyc",
-                "mlruns/0/meta.yaml", "weights.pt"]:
+                "mlruns/0/meta.yaml", "weights.pt", "platform/derta/assets/demo_base/model.safetensors"]:
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text("x")
     shutil.copy(ROOT / ".rayignore", src / ".rayignore")
     target = tmp_path / "pkg.zip"
     create_package(str(src), target, include_gitignore=True)
     names = {n for n in zipfile.ZipFile(target).namelist() if not n.endswith("/")}
-    assert {"platform/derta/config.py", "jobs/demo.py", "jobs/runtime_env.yaml", "jobs/configs/derta_8b.yaml"} <= names
+    assert {"platform/derta/config.py", "jobs/demo.py", "jobs/runtime_env.yaml", "jobs/configs/derta_8b.yaml",
+            "platform/derta/assets/demo_base/model.safetensors"} <= names  # the shipped base travels with the job
     assert not [n for n in names if n.startswith(("runs/", ".venv/", ".git/", "mlruns/")) or n.endswith((".pyc", ".pt"))]
 
 
