@@ -242,6 +242,26 @@ def test_sealed_values_pickle_as_a_key_only(ray_local):
 from _fixtures import ray_local  # noqa: E402,F401
 
 
+def test_tune_state_pickles_no_tracking_uri_and_trials_get_no_keys_by_runtime_env():
+    """Tune pickles its callbacks into tuner.pkl (cloudpickle: a class made in a function goes
+    by value, with the globals its methods name) and copies the driver's AWS keys into every
+    trial actor's runtime env (logged by Ray's runtime-env agent); neither may carry a secret."""
+    from ray import cloudpickle
+    from ray.tune.execution import class_cache
+
+    from derta.security import keep_secrets_out_of_tune_runtime_envs
+    from derta.tune import tuner
+
+    handle = {"tracking_uri": "http://u:TunePw_S3cret@h:5000", "experiment": "e", "parent_run_id": "p"}
+    cb = tuner._tune_callback_cls()(handle, "/runs/r", "proxy_score")
+    assert cb.tracking == handle  # the driver still has it
+    assert b"TunePw_S3cret" not in cloudpickle.dumps(cb)
+    keep_secrets_out_of_tune_runtime_envs()
+    names = class_cache.ENV_VARS_TO_PROPAGATE
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"} & names
+    assert "AWS_ACCESS_KEY_ID" in names and "RAY_CHDIR_TO_TRIAL_DIR" in names  # only secrets dropped
+
+
 # --------------------------------------------------------------------------- the sweep
 SECRETS = {
     "aws": AWS_SECRET,
@@ -279,9 +299,6 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 18, open: the sweep's first full run (2026-12-02) found 13 hits, the first "
-                   "'run stdout: tracking password' (MLflow printed its run links with the tracking URI's userinfo; "
-                   "derta.tracking now suppresses those links); the rest are listed by the assertion")
 def test_secret_sweep_run_and_tune_write_no_secret(s3_bucket, mlflow_server, tmp_path, tmp_path_factory):
     """`derta run` and `derta tune` (tiny, on S3 + an MLflow server) with secrets in env, config
     and URIs; then every byte they wrote (S3 objects, pickles, the local cache, Ray's session
@@ -297,7 +314,7 @@ def test_secret_sweep_run_and_tune_write_no_secret(s3_bucket, mlflow_server, tmp
         "eval": {"engine": "hf", "limit": 4, "prefill_k": [0, 10], "max_new_tokens": 8, "helpfulness": ["demo"],
                  "questions": {"uri": "builtin:demo"},
                  "judge_url": f"https://judge.example/v1?api_key={SECRETS['judge api key']}"},
-        "tune": {"num_samples": 2, "max_concurrent_trials": 1, "scheduler": "fifo", "proxy_samples": 8,
+        "tune": {"num_samples": 1, "max_concurrent_trials": 1, "scheduler": "fifo", "proxy_samples": 8,
                  "space": {"train.lr": {"sampler": "choice", "values": [1e-3, 3e-3]}}},
         "tracking": {"uri": f"http://sweep:{SECRETS['tracking password']}@{host}", "experiment": "sweep"},
         "storage": {"root": f"{s3_bucket}/runs"},
@@ -330,6 +347,9 @@ def test_secret_sweep_run_and_tune_write_no_secret(s3_bucket, mlflow_server, tmp
     for k in keys:
         blobs[f"s3://{bucket}/{k}"] = s3.get_object(Bucket=bucket, Key=k)["Body"].read()
     blobs.update(_files(tmp_path))
+    # Not written by the runs: the test's own input, the config file a user writes (its
+    # secrets are the point of the sweep). Everything the runs wrote under tmp_path is swept.
+    del blobs[str(path)]
     blobs.update(_files(Path(ray_tmp)))
     for store in tmp_path_factory.getbasetemp().glob("mlflow_server*"):
         blobs.update(_files(store))

@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         # One line, no traceback: the stages' MLflow runs were marked KILLED on the way out.
+        _end_ray()
         print("derta: interrupted (Ctrl+C); its open MLflow runs are marked KILLED; run the same command again "
               "to resume", file=sys.stderr)
         return INTERRUPTED
@@ -156,12 +157,27 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
         print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
+        _end_ray()
         print(redact_text(f"derta: failed: {original_error(e)}"), file=sys.stderr)
         return 1
     return 0
 
 
 INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl+C
+
+
+def _end_ray() -> None:
+    """Disconnect from Ray (a local cluster stops) before the last line: the workers' log lines
+    Ray still forwards (log_to_driver) would otherwise print after it."""
+    if "ray" not in sys.modules:
+        return
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
 
 
 def _chain(e: BaseException) -> list[BaseException]:
