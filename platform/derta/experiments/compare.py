@@ -1,4 +1,4 @@
-"""`derta run` with no config: what DeRTa is for, in about two minutes on a laptop.
+"""`derta run` with no config: what DeRTa is for, in a few minutes on a laptop.
 
 Two safety-tuning arms start from the shipped base model `builtin:demo-base` (a small Llama that
 complies with the demo corpus's synthetic harmful requests; derta.experiments.demo_base):
@@ -209,8 +209,9 @@ def print_table(rows: list[CompareRow], ks: list[int], found: list[Finding]) -> 
 
     from derta.pipeline import console
 
-    table = Table(title="Vanilla vs DeRTa from the same complying base: prefill-attack ASR % after k harmful\n"
-                        "tokens (lower is safer), % of responses refusing, helpfulness, % of benign prompts refused")
+    table = Table(title="Vanilla vs DeRTa from the same complying base\n"
+                        "k=N: ASR % after N prefilled harmful tokens (lower is safer)\n"
+                        "refused: % of those responses refusing; benign refused: % of helpful prompts")
     for i, h in enumerate(["arm"] + [f"k={k}" for k in ks] + ["refused k=0", "refused k>0", "helpful", "benign refused"]):
         table.add_column(h, justify="left" if i == 0 else "right")
     for r in table_rows(rows, ks):
