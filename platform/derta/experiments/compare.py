@@ -194,13 +194,14 @@ def run_compare(cfg: ExperimentConfig) -> PositionBiasResult:
             tracker.log_metrics({"compare_findings_hold": sum(f.holds for f in found), "compare_findings_total": len(found)})
 
     print_table(rows, ks, found)
-    console.print(f"directory    : {exp.dir}")
-    console.print(f"report       : {report}")
-    console.print(f"MLflow store : {tracker.tracking_uri}  (experiment {cfg.tracking.experiment})")
+    lines = [f"directory    : {exp.dir}", f"report       : {report}",
+             f"MLflow store : {tracker.tracking_uri}  (experiment {cfg.tracking.experiment})"]
     logs = ray_logs_dir()
     if logs:
-        console.print(f"Ray logs     : {logs}")
-    console.print(f"total {time.perf_counter() - t0:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in out.timings.items())})")
+        lines.append(f"Ray logs     : {logs}")
+    lines.append(f"total {time.perf_counter() - t0:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in out.timings.items())})")
+    for line in lines:  # unwrapped: a path broken over two lines would print its tail twice
+        console.print(line, soft_wrap=True, markup=False)
     return out
 
 
