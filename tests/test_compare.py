@@ -13,15 +13,22 @@ from derta.experiments import compare as cmp
 from derta.experiments.demo_base import ASSET_DIR, COMMAND, DEMO_BASE, corpus_fingerprint, read_provenance
 
 
-def _row(arm: str, asr: list[float], helpfulness: float | None, refused: float | None) -> cmp.CompareRow:
-    return cmp.CompareRow(arm, dict(zip(("0", "5", "10", "20"), asr)), helpfulness, refused)
+KS = ("0", "5", "10", "20")
 
 
-VANILLA = _row("vanilla", [0.0, 55.0, 75.0, 70.0], 64.0, 0.0)
+def _row(arm: str, asr: list[float], helpfulness: float | None, benign: float | None,
+         refusals: list[float] | None = None) -> cmp.CompareRow:
+    refusals = refusals if refusals is not None else [100.0 - a for a in asr]
+    return cmp.CompareRow(arm, dict(zip(KS, asr)), helpfulness, benign, dict(zip(KS, refusals)))
+
+
+VANILLA = _row("vanilla", [0.0, 55.0, 75.0, 70.0], 64.0, 0.0, [100.0, 10.0, 5.0, 0.0])
 DERTA = _row("derta", [0.0, 2.5, 0.0, 0.0], 60.0, 2.5)
 # The degenerate models: each must fail at least one finding, in either arm.
 REFUSES_ALL = _row("derta", [0.0, 0.0, 0.0, 0.0], 0.0, 100.0)
 COMPLIES_ALL = _row("derta", [100.0, 100.0, 100.0, 100.0], 70.0, 0.0)
+# Word salad: neither harmful nor a refusal, so the judge's ASR is 0 everywhere; it is not safety.
+GARBLES_ALL = _row("derta", [0.0, 0.0, 0.0, 0.0], 50.0, 0.0, [0.0, 0.0, 0.0, 0.0])
 
 
 def _holds(v, d) -> dict[str, bool]:
@@ -31,12 +38,12 @@ def _holds(v, d) -> dict[str, bool]:
 def test_findings_hold_for_the_effect_and_name_their_numbers():
     found = cmp.findings(VANILLA, DERTA)
     assert len(found) == 4 and all(f.holds for f in found), found
-    assert "k=0 0.0% -> k>0 66.7%" in found[0].detail and "DeRTa 0.8%" in found[1].detail
+    assert "ASR 0.0% -> ASR k>0 66.7%" in found[0].detail and "DeRTa 0.8%" in found[1].detail
 
 
 @pytest.mark.parametrize("vanilla, derta", [
-    (VANILLA, REFUSES_ALL), (VANILLA, COMPLIES_ALL),
-    (REFUSES_ALL, DERTA), (COMPLIES_ALL, DERTA),
+    (VANILLA, REFUSES_ALL), (VANILLA, COMPLIES_ALL), (VANILLA, GARBLES_ALL),
+    (REFUSES_ALL, DERTA), (COMPLIES_ALL, DERTA), (GARBLES_ALL, DERTA),
     (VANILLA, VANILLA),  # no effect: DeRTa trained like vanilla
 ])
 def test_degenerate_or_ineffective_models_fail_a_finding(vanilla, derta):
@@ -51,12 +58,17 @@ def test_missing_helpfulness_never_passes():
 def test_row_from_metrics_json_and_table_shape():
     metrics = {"asr_by_k": {"0": 0.0, "5": 50.0, "10": None, "20": 75.0},
                "helpfulness": {"demo": {"score": 61.25, "refusal_rate": 5.0, "n": 40}}}
-    row = cmp.compare_row("vanilla", metrics)
+    gens = [{"kind": "safety", "attack": "prefill", "k": k, "refusal_pos": pos}
+            for k, pos in ((0, 0), (0, 3), (5, None), (5, 4), (20, None), (20, None))]
+    gens.append({"kind": "helpfulness", "attack": "demo", "refusal_pos": None})
+    row = cmp.compare_row("vanilla", metrics, gens)
     assert row.asr_by_k == {"0": 0.0, "5": 50.0, "20": 75.0} and row.attacked == 62.5
     assert (row.helpfulness, row.benign_refused) == (61.25, 5.0)
+    assert row.refused_by_k == {"0": 100.0, "5": 50.0, "20": 0.0} and row.refused_attacked == 25.0
     md = cmp.markdown_table([row, DERTA], [0, 5, 10, 20]).splitlines()
-    assert md[0] == "| arm | ASR k=0 % | ASR k=5 % | ASR k=10 % | ASR k=20 % | helpfulness | benign refused % |"
-    assert md[2] == "| Vanilla | 0.0 | 50.0 | - | 75.0 | 61.2 | 5.0 |" and md[3].startswith("| DeRTa | 0.0 | 2.5 |")
+    assert md[0] == ("| arm | ASR k=0 % | ASR k=5 % | ASR k=10 % | ASR k=20 % | refusals k=0 % | refusals k>0 % "
+                     "| helpfulness | benign refused % |")
+    assert md[2] == "| Vanilla | 0.0 | 50.0 | - | 75.0 | 100.0 | 25.0 | 61.2 | 5.0 |" and md[3].startswith("| DeRTa | 0.0 | 2.5 |")
     page = cmp.summary_html([row, DERTA], [0, 5, 10, 20], cmp.findings(row, DERTA))
     assert page.count("<tr>") == 3 and "Vanilla" in page and "DeRTa" in page and "holds" in page
 

@@ -49,7 +49,7 @@ def test_derta_run_without_config_compares_vanilla_and_derta(tmp_path):
     # The console: both rows side by side, every finding, the paths; nothing twice, no Ray chatter.
     out = proc.stdout
     for label in ("Vanilla", "DeRTa"):
-        assert re.search(rf"{label}\s*│(\s*[\d.-]+\s*│){{4}}", out), out[-3000:]
+        assert re.search(rf"{label}\s*│(\s*[\d.-]+\s*│){{6}}", out), out[-3000:]
     assert len(re.findall(r"^(holds|DOES NOT HOLD) ", out, re.M)) == 4, out[-3000:]
     assert "MLflow store" in out and "report" in out and "Ray logs" in out
     both = out + proc.stderr

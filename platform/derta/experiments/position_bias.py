@@ -286,7 +286,7 @@ def run_position_bias(cfg: ExperimentConfig, *, show: bool = True, title: str = 
         cfg.storage.run_name = f"position-bias-s{pb.seed}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     paths = run_paths(cfg)
     console.print(f"[bold]{title}[/bold] {paths.name}  arms={','.join(pb.arms)}  seed={pb.seed}")
-    console.print(f"directory: {paths.dir}")
+    console.print(f"directory: {paths.dir}", soft_wrap=True)
     ensure_ray(cfg)
     corpus = corpus_rows(pb)
     files = write_corpus(storage.join(paths.dir, "corpus"), corpus)
