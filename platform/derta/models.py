@@ -89,7 +89,8 @@ SHIPPED_SCRIPTS = {"builtin:demo-base": "python -m derta.experiments.demo_base"}
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DERTA_CACHE", Path.home() / ".cache" / "derta"))
+    """$DERTA_CACHE (an empty value counts as unset, as in derta.storage), else ~/.cache/derta."""
+    return Path(os.environ.get("DERTA_CACHE") or Path.home() / ".cache" / "derta")
 
 
 # --------------------------------------------------------------------------- tiny factory
