@@ -363,3 +363,28 @@ def test_secret_sweep_run_and_tune_write_no_secret(s3_bucket, mlflow_server, tmp
     exp = client.get_experiment_by_name("sweep")
     names = {r.info.run_name for r in client.search_runs([exp.experiment_id])}
     assert {"sweep-run", "train"} <= names
+
+
+def test_env_secrets_survive_a_thread_changing_the_environment(monkeypatch):
+    """MLflow's telemetry thread deletes a variable while redaction reads the environment: the
+    read must not raise KeyError (it killed `derta run`s), and the secret is still found."""
+    import threading
+
+    from derta.config import _env_secrets
+
+    monkeypatch.setenv("HF_TOKEN", "secret-value-123")
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            os.environ["_DERTA_CHURN"] = "1"
+            os.environ.pop("_DERTA_CHURN", None)
+
+    t = threading.Thread(target=churn, daemon=True)
+    t.start()
+    try:
+        for _ in range(5000):
+            assert "secret-value-123" in _env_secrets()
+    finally:
+        stop.set()
+        t.join()

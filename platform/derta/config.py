@@ -532,7 +532,13 @@ def is_secret_env(name: str) -> bool:
 def _env_secrets() -> list[str]:
     """Values of secret-looking environment variables (AWS_SECRET_ACCESS_KEY, HF_TOKEN, ...):
     replaced wherever they appear in text, e.g. inside a library's error message."""
-    vals = {v for k, v in os.environ.items() if is_secret_env(k) and len(v) >= 6}
+    # os.environ.items() reads each value after listing the keys: a variable another thread
+    # deletes in between (MLflow's telemetry does) is a KeyError, so read key by key.
+    vals = set()
+    for k in list(os.environ):
+        v = os.environ.get(k) if is_secret_env(k) else None
+        if v is not None and len(v) >= 6:
+            vals.add(v)
     return sorted(vals, key=len, reverse=True)
 
 
