@@ -98,7 +98,8 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _args(root: Path) -> list[str]:
-    args = [sys.executable, "-m", "derta.cli", "run", "--set", f"storage.root={root}"]
+    # --preset demo: one pipeline run (plain `derta run` is the two-arm comparison)
+    args = [sys.executable, "-m", "derta.cli", "run", "--preset", "demo", "--set", f"storage.root={root}"]
     for item in TINY:
         args += ["--set", item]
     return args
