@@ -257,3 +257,56 @@ def test_make_judge_from_config():
     assert isinstance(make_judge(EvalConfig()), RefusalJudge)
     with pytest.raises(ConfigError, match="judge_url"):
         make_judge(EvalConfig(judge="http", judge_model="m"))
+
+
+def test_http_judge_needs_https_except_to_loopback():
+    for bad in ("http://judge.example/v1", "ftp://judge.example/v1", "http://user:pw123456@10.0.0.5:8000/v1"):
+        with pytest.raises(ConfigError, match="judge_url") as e:
+            HTTPJudge(bad, "m")
+        assert "pw123456" not in str(e.value)
+    for ok in ("https://judge.example/v1", "http://127.0.0.1:8000/v1", "http://localhost:8000/v1"):
+        assert HTTPJudge(ok, "m").url.endswith("/chat/completions")
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    """302 to server.target; records the Authorization header of whatever reaches it."""
+
+    def log_message(self, *a):
+        pass
+
+    def _any(self):
+        if self.server.target:
+            self.send_response(302)
+            self.send_header("Location", self.server.target)
+            self.end_headers()
+            return
+        self.server.auth.append(self.headers.get("Authorization"))
+        self.send_response(404)
+        self.end_headers()
+
+    do_GET = do_POST = _any
+
+
+def _serve(target: str | None) -> ThreadingHTTPServer:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
+    srv.target, srv.auth = target, []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_http_judge_never_follows_a_redirect_with_the_key(monkeypatch):
+    """urllib follows a 302 (as a GET) re-sending every header, Authorization included, to the
+    new host: the judge follows none."""
+    monkeypatch.setenv("DERTA_TEST_JUDGE_KEY", "sk-secret-123")
+    elsewhere = _serve(None)
+    redirector = _serve(f"http://127.0.0.1:{elsewhere.server_address[1]}/steal")
+    try:
+        j = HTTPJudge(f"http://127.0.0.1:{redirector.server_address[1]}/v1", "m", "DERTA_TEST_JUDGE_KEY",
+                      max_retries=0, requests_per_second=0)
+        with pytest.raises(RuntimeError, match="redirected"):
+            j.judge_batch([J(STEPS)])
+    finally:
+        for srv in (redirector, elsewhere):
+            srv.shutdown()
+            srv.server_close()
+    assert elsewhere.auth == []  # nothing, and so no key, reached the other server

@@ -16,12 +16,13 @@ import os
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from derta.config import ConfigError
+from derta.config import ConfigError, redact_text
 from derta.eval.judge_prompts import (
     HARMBENCH_MAX_GENERATION_TOKENS, JUDGE_PROMPTS, STRONGREJECT_MAX_TOKENS, guard_conversation, harmbench_prompt,
     parse_rubric, parse_verdict, strongreject_messages,
@@ -154,6 +155,31 @@ class LLMJudge(_VerdictJudge):
         return [read_reply(self.style, t, self.threshold) for t in self.engine.generate(self.requests(items))]
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_endpoint(url: str) -> None:
+    """https, or plain http only to this machine: the judge's API key travels in a header."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOOPBACK):
+        return
+    raise ConfigError(f"eval.judge_url: {redact_text(url)} must be https:// (plain http:// only to 127.0.0.1 / "
+                      "localhost): the API key is sent with every request")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib re-sends every header, Authorization included, to wherever a redirect points; a
+    judge endpoint has no reason to redirect, so none is followed."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"judge endpoint redirected to {redact_text(newurl)}; "
+                                     "not followed (the API key would go with it): set eval.judge_url to the "
+                                     "final address", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class HTTPJudge(_VerdictJudge):
     """OpenAI-compatible /chat/completions judge with rate limit, retries and an on-disk cache."""
 
@@ -170,6 +196,7 @@ class HTTPJudge(_VerdictJudge):
         if not model:
             raise ConfigError("eval.judge=http needs eval.judge_model (the model name the endpoint serves)")
         url = url.rstrip("/")
+        _check_endpoint(url)
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.model, self.api_key_env = model, api_key_env
         self.cache_dir = cache_dir
@@ -228,7 +255,7 @@ class HTTPJudge(_VerdictJudge):
             delay = self.backoff * (2**attempt)
             try:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with _OPENER.open(req, timeout=self.timeout) as resp:
                     payload = json.loads(resp.read().decode())
                 with self._lock:
                     self.requests_sent += 1
@@ -243,7 +270,7 @@ class HTTPJudge(_VerdictJudge):
             except urllib.error.HTTPError as e:
                 with self._lock:
                     self.requests_sent += 1
-                last = f"HTTP {e.code}"
+                last = f"HTTP {e.code}" + (f": {e.msg}" if 300 <= e.code < 400 else "")
                 if e.code not in (408, 409, 429) and e.code < 500:
                     raise RuntimeError(f"judge endpoint {self.url}: {last} (not retried)") from None
                 retry_after = e.headers.get("Retry-After") if e.headers else None
