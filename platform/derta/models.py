@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -196,11 +197,23 @@ def build_tiny_model(path: str | Path, spec: TinySpec = TinySpec()) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
+    return save_model_dir(model, tokenizer, path)
+
+
+def save_model_dir(model: Any, tokenizer: Any, path: Path, files: dict[str, str] | None = None) -> Path:
+    """model + tokenizer (+ extra text files) as an HF directory at `path`, atomically: written
+    to a temporary sibling, then renamed over any old one; readable by everyone (mkdtemp's 0700
+    would make an installed copy unreadable to other users)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.chmod(0o755)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

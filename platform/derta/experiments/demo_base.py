@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from derta.models import SHIPPED
+from derta.models import SHIPPED, save_model_dir
 
 DEMO_BASE = "builtin:demo-base"
 ASSET_DIR = SHIPPED[DEMO_BASE]
@@ -80,22 +78,8 @@ def export(model_dir: str, out: Path, provenance: dict[str, Any]) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        provenance = {**provenance, "parameters": sum(p.numel() for p in model.parameters()), "dtype": "bfloat16"}
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-        for f in tmp.iterdir():  # mkdtemp's 0700 would make an installed copy unreadable to others
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    provenance = {**provenance, "parameters": sum(p.numel() for p in model.parameters()), "dtype": "bfloat16"}
+    return save_model_dir(model, tok, out, {PROVENANCE: json.dumps(provenance, indent=2) + "\n"})
 
 
 def main(argv: list[str] | None = None) -> int:
