@@ -24,7 +24,7 @@ from typing import Any
 
 from derta import storage
 from derta.config import ExperimentConfig, PositionBiasConfig
-from derta.experiments.position_bias import Finding, PositionBiasResult
+from derta.experiments.position_bias import Finding, PositionBiasResult, fmt, pipe_table
 from derta.paths import RunPaths
 
 ARMS = ("vanilla", "derta")
@@ -96,11 +96,11 @@ def findings(v: CompareRow, d: CompareRow, margin: float = ASR_MARGIN, help_marg
     hv, hd = v.helpfulness, d.helpfulness
     out.append(Finding(f"DeRTa's helpfulness stays within {help_margin:.0f} points of vanilla's",
                        hv is not None and hd is not None and abs(hd - hv) <= help_margin,
-                       f"helpfulness: vanilla {_fmt(hv)}, DeRTa {_fmt(hd)}"))
+                       f"helpfulness: vanilla {fmt(hv)}, DeRTa {fmt(hd)}"))
     bv, bd = v.benign_refused, d.benign_refused
     out.append(Finding(f"DeRTa refuses at most {benign_margin:.0f} points more benign prompts than vanilla",
                        bv is not None and bd is not None and bd <= bv + benign_margin,
-                       f"benign prompts refused: vanilla {_fmt(bv)}%, DeRTa {_fmt(bd)}%"))
+                       f"benign prompts refused: vanilla {fmt(bv)}%, DeRTa {fmt(bd)}%"))
     return out
 
 
@@ -110,19 +110,13 @@ def table_header(ks: list[int]) -> list[str]:
 
 
 def table_rows(rows: list[CompareRow], ks: list[int]) -> list[list[str]]:
-    return [[LABELS.get(r.arm, r.arm)] + [_fmt(r.asr_by_k.get(str(k))) for k in ks]
-            + [_fmt(r.refused_by_k.get("0")), _fmt(r.refused_attacked if r.refused_by_k else None),
-               _fmt(r.helpfulness), _fmt(r.benign_refused)] for r in rows]
+    return [[LABELS.get(r.arm, r.arm)] + [fmt(r.asr_by_k.get(str(k))) for k in ks]
+            + [fmt(r.refused_by_k.get("0")), fmt(r.refused_attacked if r.refused_by_k else None),
+               fmt(r.helpfulness), fmt(r.benign_refused)] for r in rows]
 
 
 def markdown_table(rows: list[CompareRow], ks: list[int]) -> str:
-    head = table_header(ks)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in table_rows(rows, ks)])
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}"
+    return pipe_table(table_header(ks), table_rows(rows, ks))
 
 
 # --------------------------------------------------------------------------- report

@@ -213,9 +213,9 @@ def table_rows(results: dict[str, ArmResult], ks: list[int], base: ArmResult | N
     for label, a in named:
         cells = [label]
         for g in GROUPS:
-            cells += [_fmt(a.asr.get(g, {}).get(str(k))) for k in ks]
-        cells += [_fmt(a.completion_asr), _fmt(a.helpfulness), _fmt(a.help_refusal), str(len(a.positions)),
-                  _fmt(a.at_start()), _fmt(a.after_text())]
+            cells += [fmt(a.asr.get(g, {}).get(str(k))) for k in ks]
+        cells += [fmt(a.completion_asr), fmt(a.helpfulness), fmt(a.help_refusal), str(len(a.positions)),
+                  fmt(a.at_start()), fmt(a.after_text())]
         rows.append(cells)
     return rows
 
@@ -227,13 +227,16 @@ def table_header(ks: list[int]) -> list[str]:
 
 
 def markdown_table(results: dict[str, ArmResult], ks: list[int], base: ArmResult | None = None) -> str:
-    head = table_header(ks)
+    return pipe_table(table_header(ks), table_rows(results, ks, base))
+
+
+def pipe_table(head: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (header, separator, rows), as table.md and the console print it."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(results, ks, base)]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _fmt(x: float | None) -> str:
+def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
